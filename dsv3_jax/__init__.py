@@ -1,0 +1,22 @@
+"""dsv3-jax: DeepSeek-V3 in JAX/Flax."""
+
+from dsv3_jax.api import (
+    InputError,
+    abstract_variables,
+    check_tokens,
+    forward,
+    forward_with_mtp,
+    init_variables,
+    logical_axes,
+    param_counts,
+    stacked_to_loop,
+)
+from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, RopeScaling
+from dsv3_jax.model import Transformer
+
+__all__ = [
+    "PRESETS", "ConfigError", "InputError", "ModelConfig", "RopeScaling", "Transformer", "abstract_variables",
+    "check_tokens", "forward", "forward_with_mtp", "init_variables", "logical_axes", "param_counts",
+    "stacked_to_loop",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""DeepSeekMoE: sigmoid group-limited router with a correction bias, dropless routed experts, shared experts.
+
+Split into route → dispatch/expert matmuls → combine. Dispatch never drops a token and its cost grows with the
+number of (token, expert) pairs, not with the number of experts:
+  - "ragged": sort pairs by expert, `jax.lax.ragged_dot` (grouped GEMM) — GPU/TPU.
+  - "blocks": sort pairs by expert, pad each expert's rows to a multiple of a tile, one batched matmul over tiles
+    with each tile's expert weights gathered — CPU, where ragged_dot multiplies every row by every expert.
+  - "dense": every expert on every token, masked (cost grows with E) — a reference for tests only.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, weight
+from dsv3_jax.matmul import einsum
+
+ROUTER_COLLECTION = "router"  # non-trainable: the per-expert correction bias lives here, not in "params"
+STATS_COLLECTION = "moe_stats"  # sown per layer: expert load counts and the sequence-wise balance term
+
+
+def route(logits_NE: jax.Array, bias_E: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sigmoid group-limited top-k (DESIGN.md §2). Returns (weights [N,X] f32, experts [N,X] int32, scores [N,E]).
+
+    The bias only chooses experts; the weights are the unbiased scores, normalised and scaled.
+    """
+    c = config
+    n, e = logits_NE.shape
+    scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
+    choice_NE = scores_NE + bias_E.astype(jnp.float32)
+    group_NGe = choice_NE.reshape(n, c.n_group, c.experts_per_group)
+    group_score_NG = jax.lax.top_k(group_NGe, 2)[0].sum(axis=-1)
+    _, kept_groups = jax.lax.top_k(group_score_NG, c.topk_group)
+    keep_NG = jnp.zeros((n, c.n_group), bool).at[jnp.arange(n)[:, None], kept_groups].set(True)
+    choice_NE = jnp.where(jnp.repeat(keep_NG, c.experts_per_group, axis=1), choice_NE, -jnp.inf)
+    _, experts_NX = jax.lax.top_k(choice_NE, c.num_experts_per_tok)
+    weights_NX = jnp.take_along_axis(scores_NE, experts_NX, axis=1)
+    if c.norm_topk_prob:
+        weights_NX = weights_NX / (weights_NX.sum(axis=-1, keepdims=True) + 1e-20)
+    return weights_NX * c.routed_scaling_factor, experts_NX.astype(jnp.int32), scores_NE
+
+
+def _sort_pairs(experts_NX: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Order of the M = N·X (token, slot) pairs grouped by expert, the sorted expert ids, and group sizes [E]."""
+    flat_M = experts_NX.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True)
+    sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+    return order_M, flat_M[order_M], sizes_E
+
+
+def _unsort_combine(y_MD: jax.Array, order_M: jax.Array, weights_NX: jax.Array) -> jax.Array:
+    """Put sorted expert outputs back in (token, slot) order and sum them with their routing weights → [N,D]."""
+    n, x = weights_NX.shape
+    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+    y_NXD = y_MD[inverse_M].reshape(n, x, -1)
+    out = jnp.einsum("nxd,nx->nd", y_NXD, weights_NX, preferred_element_type=jnp.float32)
+    return out.astype(y_MD.dtype)
+
+
+def tile_size(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile for the "blocks" dispatch: about pairs/expert, a power of two in [8, 128]."""
+    per_expert = max(num_pairs // num_experts, 1)
+    return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+
+
+def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+    """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
+    n, x = experts_NX.shape
+    e, m = w_gate_EDF.shape[0], n * x
+    tile = tile_size(m, e)
+    num_tiles = m // tile + min(e, m)  # static bound on Σ_e ceil(size_e / tile)
+    order_M, expert_M, sizes_E = _sort_pairs(experts_NX, e)
+    padded_E = (sizes_E + tile - 1) // tile * tile
+    pad_end_E = jnp.cumsum(padded_E)
+    rank_M = jnp.arange(m) - (jnp.cumsum(sizes_E) - sizes_E)[expert_M]
+    dest_M = (pad_end_E - padded_E)[expert_M] + rank_M
+    x_PD = jnp.zeros((num_tiles * tile, x_ND.shape[1]), x_ND.dtype).at[dest_M].set(x_ND[order_M // x])
+    tile_expert_Z = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(num_tiles) * tile, side="right"), e - 1)
+    x_ZtD = x_PD.reshape(num_tiles, tile, -1)
+    gate = einsum("ztd,zdf->ztf", x_ZtD, w_gate_EDF[tile_expert_Z])
+    up = einsum("ztd,zdf->ztf", x_ZtD, w_up_EDF[tile_expert_Z])
+    y_ZtD = einsum("ztf,zfd->ztd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert_Z])
+    return _unsort_combine(y_ZtD.reshape(num_tiles * tile, -1)[dest_M], order_M, weights_NX)
+
+
+def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+    """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert."""
+    x = experts_NX.shape[1]
+    order_M, _, sizes_E = _sort_pairs(experts_NX, w_gate_EDF.shape[0])
+    x_MD = x_ND[order_M // x]
+    dtype = x_ND.dtype
+
+    def gdot(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs.astype(dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
+
+    h_MF = jax.nn.silu(gdot(x_MD, w_gate_EDF)) * gdot(x_MD, w_up_EDF)
+    return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, weights_NX)
+
+
+def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+              w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+    """Reference: every expert on every token, weighted by a [N,E] combine matrix that is zero off the top-k."""
+    n = x_ND.shape[0]
+    combine_NE = jnp.zeros((n, w_gate_EDF.shape[0]), jnp.float32).at[jnp.arange(n)[:, None], experts_NX].add(
+        weights_NX)
+    h_NEF = jax.nn.silu(einsum("nd,edf->nef", x_ND, w_gate_EDF)) * einsum("nd,edf->nef", x_ND, w_up_EDF)
+    y_NED = einsum("nef,efd->ned", h_NEF, w_down_EFD)
+    return jnp.einsum("ned,ne->nd", y_NED, combine_NE, preferred_element_type=jnp.float32).astype(x_ND.dtype)
+
+
+EXPERT_FFNS = {"blocks": blocks_ffn, "ragged": ragged_ffn, "dense": dense_ffn}
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" → "blocks" on CPU, "ragged" elsewhere."""
+    if impl != "auto":
+        return impl
+    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+
+
+def balance_term(scores_BTE: jax.Array, experts_BTX: jax.Array, num_experts: int) -> jax.Array:
+    """Sequence-wise balance Σ_i f_i·P_i averaged over sequences (DESIGN.md §3, without α), from the dispatched top-k."""
+    _, t, x = experts_BTX.shape
+    hits_BE = jax.nn.one_hot(experts_BTX, num_experts, dtype=jnp.float32).sum(axis=(1, 2))
+    f_BE = hits_BE * num_experts / (x * t)
+    p_BE = jnp.mean(scores_BTE / scores_BTE.sum(axis=-1, keepdims=True), axis=1)
+    return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+
+
+class MoE(nn.Module):
+    """Routed experts (dropless) + shared experts. Sows expert loads and the balance term into "moe_stats"."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        c = self.config
+        b, t, d = x_BTD.shape
+        e, f = c.n_routed_experts, c.moe_intermediate_size
+        gate_DE = weight(self, "gate", (d, e), ("embed", "expert"), c, dtype=jnp.float32)
+        bias_E = self.variable(ROUTER_COLLECTION, "bias", nn.with_logical_partitioning(
+            jnp.zeros, ("expert",)), (e,), jnp.float32).value
+        w_gate = weight(self, "w_gate", (e, d, f), ("expert", "embed", "expert_mlp"), c)
+        w_up = weight(self, "w_up", (e, d, f), ("expert", "embed", "expert_mlp"), c)
+        w_down = weight(self, "w_down", (e, f, d), ("expert", "expert_mlp", "embed"), c)
+
+        x_ND = x_BTD.reshape(b * t, d)
+        with jax.named_scope("moe_route"):
+            logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), gate_DE)
+            weights_NX, experts_NX, scores_NE = route(logits_NE, nn.unbox(bias_E), c)
+        with jax.named_scope("moe_experts"):
+            routed_ND = EXPERT_FFNS[resolve_impl(c.moe_impl)](x_ND, experts_NX, weights_NX, w_gate, w_up, w_down)
+        self.sow(STATS_COLLECTION, "expert_load", jnp.bincount(experts_NX.reshape(-1), length=e))
+        self.sow(STATS_COLLECTION, "balance", balance_term(
+            scores_NE.reshape(b, t, e), experts_NX.reshape(b, t, -1), e))
+        out_BTD = routed_ND.reshape(b, t, d)
+        if c.n_shared_experts > 0:
+            out_BTD = out_BTD + MLP(c, f * c.n_shared_experts, "expert_mlp", name="shared")(x_BTD)
+        return out_BTD
