@@ -299,7 +299,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2,
-        n_group=4, topk_group=2, max_position_embeddings=256,
+        n_group=4, topk_group=2, max_position_embeddings=128,
         rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32), dtype="float32",
         init_std=0.02),
 }
