@@ -43,19 +43,50 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, config: ModelConfig) -> tuple
     return weights_NX * c.routed_scaling_factor, experts_NX.astype(jnp.int32), scores_NE
 
 
-def _sort_pairs(experts_NX: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Order of the M = N·X (token, slot) pairs grouped by expert, the sorted expert ids, and group sizes [E]."""
+@jax.custom_vjp
+def permute_rows(x_RD: jax.Array, index_S: jax.Array, inverse_R: jax.Array) -> jax.Array:
+    """out[s] = x[index[s]] (index == R gives a zero row), for an index that uses each row at most once.
+
+    `inverse[r]` is the s with index[s] == r (S when row r is unused). The gradient is then a gather by `inverse`
+    instead of the scatter-add autodiff would emit — scatters are slow on CPU.
+    """
+    return _take_rows(x_RD, index_S)
+
+
+def _take_rows(x_RD: jax.Array, index_S: jax.Array) -> jax.Array:
+    return jnp.concatenate([x_RD, jnp.zeros((1, *x_RD.shape[1:]), x_RD.dtype)])[index_S]
+
+
+def _permute_fwd(x_RD, index_S, inverse_R):
+    return _take_rows(x_RD, index_S), (index_S, inverse_R)
+
+
+def _permute_bwd(residuals, g_SD):
+    _, inverse_R = residuals
+    return _take_rows(g_SD, inverse_R), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _inverse_permutation(perm_M: jax.Array) -> jax.Array:
+    return jnp.zeros_like(perm_M).at[perm_M].set(jnp.arange(perm_M.shape[0], dtype=perm_M.dtype))
+
+
+def _sort_pairs(x_ND: jax.Array, experts_NX: jax.Array, num_experts: int):
+    """Token copies sorted by expert: (x_sorted [M,D], order [M], inverse [M], sorted expert ids [M], sizes [E])."""
     flat_M = experts_NX.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
+    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+    inverse_M = _inverse_permutation(order_M)
     sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
-    return order_M, flat_M[order_M], sizes_E
+    x_MD = jnp.repeat(x_ND, experts_NX.shape[1], axis=0)  # pair m = n·X + slot
+    return permute_rows(x_MD, order_M, inverse_M), order_M, inverse_M, flat_M[order_M], sizes_E
 
 
-def _unsort_combine(y_MD: jax.Array, order_M: jax.Array, weights_NX: jax.Array) -> jax.Array:
+def _unsort_combine(y_MD: jax.Array, order_M: jax.Array, inverse_M: jax.Array, weights_NX: jax.Array) -> jax.Array:
     """Put sorted expert outputs back in (token, slot) order and sum them with their routing weights → [N,D]."""
     n, x = weights_NX.shape
-    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-    y_NXD = y_MD[inverse_M].reshape(n, x, -1)
+    y_NXD = permute_rows(y_MD, inverse_M, order_M).reshape(n, x, -1)
     out = jnp.einsum("nxd,nx->nd", y_NXD, weights_NX, preferred_element_type=jnp.float32)
     return out.astype(y_MD.dtype)
 
@@ -66,40 +97,44 @@ def tile_size(num_pairs: int, num_experts: int) -> int:
     return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
 
 
-def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
-    """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
-    n, x = experts_NX.shape
-    e, m = w_gate_EDF.shape[0], n * x
-    tile = tile_size(m, e)
-    num_tiles = m // tile + min(e, m)  # static bound on Σ_e ceil(size_e / tile)
-    order_M, expert_M, sizes_E = _sort_pairs(experts_NX, e)
+def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: int):
+    """Padded row of each sorted pair [M], sorted pair of each padded row (M = padding) [P], expert of each tile."""
+    m = expert_M.shape[0]
     padded_E = (sizes_E + tile - 1) // tile * tile
     pad_end_E = jnp.cumsum(padded_E)
     rank_M = jnp.arange(m) - (jnp.cumsum(sizes_E) - sizes_E)[expert_M]
-    dest_M = (pad_end_E - padded_E)[expert_M] + rank_M
-    x_PD = jnp.zeros((num_tiles * tile, x_ND.shape[1]), x_ND.dtype).at[dest_M].set(x_ND[order_M // x])
-    tile_expert_Z = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(num_tiles) * tile, side="right"), e - 1)
-    x_ZtD = x_PD.reshape(num_tiles, tile, -1)
+    dest_M = ((pad_end_E - padded_E)[expert_M] + rank_M).astype(jnp.int32)
+    src_P = jnp.full((num_tiles * tile,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32))
+    tile_expert_Z = jnp.searchsorted(pad_end_E, jnp.arange(num_tiles) * tile, side="right")
+    return dest_M, src_P, jnp.minimum(tile_expert_Z, sizes_E.shape[0] - 1)
+
+
+def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+    """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
+    e, m = w_gate_EDF.shape[0], experts_NX.size
+    tile = tile_size(m, e)
+    num_tiles = m // tile + min(e, m)  # static bound on Σ_e ceil(size_e / tile)
+    xs_MD, order_M, inverse_M, expert_M, sizes_E = _sort_pairs(x_ND, experts_NX, e)
+    dest_M, src_P, tile_expert_Z = _tile_layout(expert_M, sizes_E, tile, num_tiles)
+    x_ZtD = permute_rows(xs_MD, src_P, dest_M).reshape(num_tiles, tile, -1)
     gate = einsum("ztd,zdf->ztf", x_ZtD, w_gate_EDF[tile_expert_Z])
     up = einsum("ztd,zdf->ztf", x_ZtD, w_up_EDF[tile_expert_Z])
-    y_ZtD = einsum("ztf,zfd->ztd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert_Z])
-    return _unsort_combine(y_ZtD.reshape(num_tiles * tile, -1)[dest_M], order_M, weights_NX)
+    y_PD = einsum("ztf,zfd->ztd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert_Z]).reshape(num_tiles * tile, -1)
+    return _unsort_combine(permute_rows(y_PD, dest_M, src_P), order_M, inverse_M, weights_NX)
 
 
 def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
                w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
     """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert."""
-    x = experts_NX.shape[1]
-    order_M, _, sizes_E = _sort_pairs(experts_NX, w_gate_EDF.shape[0])
-    x_MD = x_ND[order_M // x]
+    xs_MD, order_M, inverse_M, _, sizes_E = _sort_pairs(x_ND, experts_NX, w_gate_EDF.shape[0])
     dtype = x_ND.dtype
 
     def gdot(lhs, rhs):
         return jax.lax.ragged_dot(lhs, rhs.astype(dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
 
-    h_MF = jax.nn.silu(gdot(x_MD, w_gate_EDF)) * gdot(x_MD, w_up_EDF)
-    return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, weights_NX)
+    h_MF = jax.nn.silu(gdot(xs_MD, w_gate_EDF)) * gdot(xs_MD, w_up_EDF)
+    return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, inverse_M, weights_NX)
 
 
 def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,

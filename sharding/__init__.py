@@ -1,0 +1,5 @@
+"""Mesh layouts and the logical-axis → mesh-axis rules table (the only place mesh axis names appear)."""
+
+from sharding.rules import LAYOUTS, Layout, ShardingError, get_layout, make_mesh, param_shardings, to_mesh_spec
+
+__all__ = ["LAYOUTS", "Layout", "ShardingError", "get_layout", "make_mesh", "param_shardings", "to_mesh_spec"]
