@@ -37,10 +37,15 @@ def _init_fn(config: ModelConfig):
     return init
 
 
+@functools.cache
+def _jitted_init(config: ModelConfig):
+    return jax.jit(_init_fn(config))
+
+
 def init_variables(config: ModelConfig, rng: jax.Array | int = 0) -> Variables:
-    """Randomly initialised variables (main model + MTP), unboxed plain arrays."""
+    """Randomly initialised variables (main model + MTP), unboxed plain arrays. Compiled once per config."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    return nn.unbox(jax.jit(_init_fn(config))(rng))
+    return nn.unbox(_jitted_init(config)(rng))
 
 
 def abstract_variables(config: ModelConfig) -> Variables:

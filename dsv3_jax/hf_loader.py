@@ -46,6 +46,13 @@ def _check_names(entries: list[Entry], ignored: set[str], names: set[str], direc
         raise CheckpointError(f"{directory}: {len(unexpected)} unexpected tensor(s), first: {unexpected[:5]}")
 
 
+def _reject_fp8(files: dict[str, str], directory: str) -> None:
+    scales = sorted(name for name in files if name.endswith("_scale_inv"))
+    if scales:
+        raise CheckpointError(f"{directory}: FP8 checkpoint (block scales such as {scales[0]} in "
+                              f"{files[scales[0]]}); convert it with `dsv3 convert` first")
+
+
 def rope_rows_to_pairs(w_OI: np.ndarray, period: int, rope_start: int, rope_dim: int) -> np.ndarray:
     """Reorder output rows of a HF weight from half-split rotary layout (rope_interleave=false) to adjacent pairs.
 
@@ -84,6 +91,7 @@ def load_hf_directory(directory: str | os.PathLike, config: ModelConfig | None =
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         interleaved = bool(json.load(f).get("rope_interleave", True))
     files = checkpoint_files(directory)
+    _reject_fp8(files, directory)
     entries, copies = expected_entries(config, set(files))
     _check_names(entries, set(copies), set(files), directory)
     abstract = abstract_variables(config)
