@@ -1,4 +1,11 @@
-"""Multi-head Latent Attention (MLA), naive (expanded per-head keys/values) path for training and prefill."""
+"""Multi-head Latent Attention (MLA).
+
+Two paths over the same parameters:
+  - naive (training, and the reference): keys/values expanded per head from the latent, [B,S,H,N+U];
+  - absorbed (decoding, `cache_len > 0`): W_kvb's key half folded into the query and its value half applied after
+    attention, so the cache holds only the normalised latent c_kv [C] and the rotated shared key k_pe [R] per
+    token — 576 values per token per layer at 671B, against H·(N+R+U) = 57,344 for a per-head cache.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,14 @@ from dsv3_jax.layers import constrain, rms_norm, weight
 from dsv3_jax.matmul import einsum
 from dsv3_jax.rope import apply_rotary, rotary_tables, softmax_scale
 
+CACHE_COLLECTION = "cache"  # decoding: per-layer latent cache (c_kv, rotated k_pe)
+
 
 class MLA(nn.Module):
     """q from a low-rank (or full) projection, keys/values from a normalised latent c_kv, one shared rotary key."""
 
     config: ModelConfig
+    cache_len: int = 0  # > 0: absorbed attention over a latent cache of this many slots ("cache" collection)
 
     def _query(self, x_BTD: jax.Array) -> jax.Array:
         c = self.config
@@ -46,6 +56,8 @@ class MLA(nn.Module):
         h, n, u = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
         wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, h * (n + u)), ("kv_lora", "kv_heads"), c)
         wo = weight(self, "wo", (h * u, c.hidden_size), ("o_heads", "embed"), c)
+        if self.cache_len:
+            return self._decode(x_BTD, positions_BT, mask_BTS, wkv_b, wo)
 
         with jax.named_scope("mla_project"):
             q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
@@ -58,16 +70,56 @@ class MLA(nn.Module):
             kpe_BSR = apply_rotary(kpe_BSR, cos, sin)
         with jax.named_scope("mla_attend"):
             out_BTHU = attend(qnope_BTHN, qpe_BTHR, knope_BSHN, kpe_BSR, v_BSHU, mask_BTS, softmax_scale(c))
-        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, h * u), wo)
+        return self._output(out_BTHU, wo)
+
+    def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
+        b, t = out_BTHU.shape[:2]
+        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, -1), wo)
         return constrain(out_BTD, ("act_batch", "act_seq", "act_embed"))
+
+
+    def _decode(self, x_BTD, positions_BT, mask_BTS, wkv_b, wo) -> jax.Array:
+        """Absorbed attention: write (c_kv, rotated k_pe) of the new tokens at their positions, attend the cache.
+
+        mask_BTS has S = cache_len slots; slot s holds the token at position s of that row.
+        """
+        c = self.config
+        b, t, _ = x_BTD.shape
+        h, n, u = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+        q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
+        qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
+        ckv_BTC, kpe_BTR = self._latent(x_BTD)
+        cos, sin = rotary_tables(c, positions_BT)
+        qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
+        ckv_BSC, kpe_BSR = self._write_cache(ckv_BTC, apply_rotary(kpe_BTR, cos, sin), positions_BT)
+        wkv_CHZ = wkv_b.reshape(c.kv_lora_rank, h, n + u)
+        with jax.named_scope("mla_absorbed"):
+            qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHZ[..., :n])
+            olat_BTHC = attend(qlat_BTHC, qpe_BTHR, ckv_BSC, kpe_BSR, ckv_BSC, mask_BTS, softmax_scale(c))
+            out_BTHU = einsum("bthc,chu->bthu", olat_BTHC, wkv_CHZ[..., n:])
+        return self._output(out_BTHU, wo)
+
+    def _write_cache(self, ckv_BTC, kpe_BTR, positions_BT):
+        c, b = self.config, ckv_BTC.shape[0]
+        ckv = self.variable(CACHE_COLLECTION, "ckv", jnp.zeros, (b, self.cache_len, c.kv_lora_rank), ckv_BTC.dtype)
+        kpe = self.variable(CACHE_COLLECTION, "kpe", jnp.zeros, (b, self.cache_len, c.qk_rope_head_dim), kpe_BTR.dtype)
+        rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BT.shape)
+        ckv.value = ckv.value.at[rows_BT, positions_BT].set(ckv_BTC.astype(ckv.value.dtype), mode="drop")
+        kpe.value = kpe.value.at[rows_BT, positions_BT].set(kpe_BTR.astype(kpe.value.dtype), mode="drop")
+        return ckv.value, kpe.value
 
 
 def attend(qnope_BTHN: jax.Array, qpe_BTHR: jax.Array, knope_BSHN: jax.Array, kpe_BSR: jax.Array,
            v_BSHU: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
-    """softmax(scale · (q_nope·k_nope + q_pe·k_pe) masked) · v, scores and softmax in float32 → [B,T,H,U]."""
-    scores_BHTS = jnp.einsum("bthn,bshn->bhts", qnope_BTHN, knope_BSHN, preferred_element_type=jnp.float32)
+    """softmax(scale · (q_nope·k_nope + q_pe·k_pe) masked) · v, scores and softmax in float32 → [B,T,H,U].
+
+    Keys/values given without a head axis ([B,S,N], [B,S,U]) are shared by every query head (absorbed path).
+    """
+    k_eq = "bsn" if knope_BSHN.ndim == 3 else "bshn"
+    scores_BHTS = jnp.einsum(f"bthn,{k_eq}->bhts", qnope_BTHN, knope_BSHN, preferred_element_type=jnp.float32)
     scores_BHTS += jnp.einsum("bthr,bsr->bhts", qpe_BTHR, kpe_BSR, preferred_element_type=jnp.float32)
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHU.dtype)
-    return jnp.einsum("bhts,bshu->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
+    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
+    return jnp.einsum(f"bhts,{v_eq}->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
         v_BSHU.dtype)

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.attention import MLA
+from dsv3_jax.attention import CACHE_COLLECTION, MLA
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, RMSNorm, constrain, weight
 from dsv3_jax.matmul import einsum
@@ -26,11 +26,12 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     use_moe: bool
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array):
         c = self.config
-        x_BTD = x_BTD + MLA(c, name="attn")(RMSNorm(c, c.hidden_size, name="attn_norm")(x_BTD), positions_BT, mask_BTS)
+        x_BTD = x_BTD + MLA(c, self.cache_len, name="attn")(RMSNorm(c, c.hidden_size, name="attn_norm")(x_BTD), positions_BT, mask_BTS)
         h_BTD = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_BTD)
         ffn = MoE(c, name="moe") if self.use_moe else MLP(c, c.intermediate_size, name="mlp")
         x_BTD = constrain(x_BTD + ffn(h_BTD), ("act_batch", "act_seq", "act_embed"))
@@ -49,20 +50,22 @@ class LayerStack(nn.Module):
     config: ModelConfig
     use_moe: bool
     count: int
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
         layer_cls = _layer_class(self.config)
         if not self.config.scan_layers:
             for i in range(self.count):
-                x_BTD, _ = layer_cls(self.config, self.use_moe, name=f"layer_{i}")(x_BTD, positions_BT, mask_BTS)
+                x_BTD, _ = layer_cls(self.config, self.use_moe, self.cache_len, name=f"layer_{i}")(
+                    x_BTD, positions_BT, mask_BTS)
             return x_BTD
         scanned = nn.scan(
             layer_cls, length=self.count, in_axes=(nn.broadcast, nn.broadcast),
-            variable_axes={"params": 0, ROUTER_COLLECTION: 0, STATS_COLLECTION: 0},
+            variable_axes={"params": 0, ROUTER_COLLECTION: 0, STATS_COLLECTION: 0, CACHE_COLLECTION: 0},
             split_rngs={"params": True}, metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_BTD, _ = scanned(self.config, self.use_moe, name="layers")(x_BTD, positions_BT, mask_BTS)
+        x_BTD, _ = scanned(self.config, self.use_moe, self.cache_len, name="layers")(x_BTD, positions_BT, mask_BTS)
         return x_BTD
 
 
@@ -70,6 +73,7 @@ class MTPLayer(nn.Module):
     """One MTP depth: h' = W_eh [enorm(emb(t_{i+k})); hnorm(h^{k-1}_i)], one MoE block, then `head_norm`."""
 
     config: ModelConfig
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array):
@@ -79,7 +83,7 @@ class MTPLayer(nn.Module):
                                   RMSNorm(c, c.hidden_size, name="hnorm")(h_BTD)], axis=-1)
         x_BTD = einsum("btk,kd->btd", joined, eh_proj)
         use_moe = c.num_hidden_layers >= c.first_k_dense_replace and c.n_routed_experts > 0
-        x_BTD, _ = _layer_class(c)(c, use_moe, name="block")(x_BTD, positions_BT, mask_BTS)
+        x_BTD, _ = _layer_class(c)(c, use_moe, self.cache_len, name="block")(x_BTD, positions_BT, mask_BTS)
         return RMSNorm(c, c.hidden_size, name="head_norm")(x_BTD)
 
 
@@ -88,21 +92,31 @@ def causal_mask(positions_BT: jax.Array) -> jax.Array:
     return positions_BT[:, None, :] <= positions_BT[:, :, None]
 
 
+def cache_mask(positions_BT: jax.Array, cache_len: int) -> jax.Array:
+    """[B,T,S] bool over cache slots: a query at position p sees slots 0..p of its row."""
+    return jnp.arange(cache_len)[None, None, :] <= positions_BT[:, :, None]
+
+
 class Transformer(nn.Module):
-    """Embedding → dense stack → MoE stack → final norm → untied head; `mtp` runs the MTP depths on top."""
+    """Embedding → dense stack → MoE stack → final norm → untied head; `mtp` runs the MTP depths on top.
+
+    With cache_len > 0 every attention layer decodes against a latent cache of cache_len slots (collection
+    "cache", see `attention.MLA`); positions then index cache slots and the mask is causal over slots.
+    """
 
     config: ModelConfig
+    cache_len: int = 0
 
     def setup(self):
         c = self.config
         self.embedding = self.param("embed_tokens", nn.with_logical_partitioning(
             nn.initializers.normal(c.init_std), ("vocab", "embed")), (c.vocab_size, c.hidden_size), c.weight_dtype)
-        self.stacks = [LayerStack(c, use_moe, count, name=name) for (name, use_moe), count
+        self.stacks = [LayerStack(c, use_moe, count, self.cache_len, name=name) for (name, use_moe), count
                        in zip(STACKS, (c.num_dense_layers, c.num_moe_layers)) if count > 0]
         self.final_norm = RMSNorm(c, c.hidden_size)
         self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
             nn.initializers.normal(c.init_std), ("embed", "vocab")), (c.hidden_size, c.vocab_size), c.weight_dtype)
-        self.mtp_layers = [MTPLayer(c, name=f"mtp_{k}") for k in range(c.num_nextn_predict_layers)]
+        self.mtp_layers = [MTPLayer(c, self.cache_len, name=f"mtp_{k}") for k in range(c.num_nextn_predict_layers)]
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(self.config.compute_dtype)
@@ -115,7 +129,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  mask_BTS: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens [B,T] → (logits [B,T,V] float32, final hidden state after the final norm [B,T,D])."""
-        positions_BT, mask_BTS = _defaults(tokens_BT, positions_BT, mask_BTS)
+        positions_BT, mask_BTS = self._defaults(tokens_BT, positions_BT, mask_BTS)
         x_BTD = self.embed(tokens_BT)
         for stack in self.stacks:
             x_BTD = stack(x_BTD, positions_BT, mask_BTS)
@@ -129,7 +143,7 @@ class Transformer(nn.Module):
         `tokens_BT` are the main model's input tokens; positions whose t_{i+k} lies past the end see a pad token
         (id 0) and must be masked by the caller (causality keeps earlier positions exact).
         """
-        positions_BT, mask_BTS = _defaults(tokens_BT, positions_BT, mask_BTS)
+        positions_BT, mask_BTS = self._defaults(tokens_BT, positions_BT, mask_BTS)
         outputs = []
         for k, layer in enumerate(self.mtp_layers, start=1):
             shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
@@ -139,15 +153,19 @@ class Transformer(nn.Module):
             return jnp.zeros((0, *tokens_BT.shape, self.config.vocab_size), jnp.float32)
         return jnp.stack(outputs)
 
+    def mtp_draft(self, h_BTD: jax.Array, next_tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """Depth-1 MTP logits [B,T,V] at `positions` from main hidden states h_i and the tokens t_{i+1} (decoding)."""
+        positions_BT, mask_BTS = self._defaults(next_tokens_BT, positions_BT, None)
+        return self.logits(self.mtp_layers[0](h_BTD, self.embed(next_tokens_BT), positions_BT, mask_BTS))
+
+    def _defaults(self, tokens_BT, positions_BT, mask_BTS):
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        if mask_BTS is None:
+            mask_BTS = cache_mask(positions_BT, self.cache_len) if self.cache_len else causal_mask(positions_BT)
+        return positions_BT, mask_BTS
+
     def forward_with_mtp(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(main logits [B,T,V], MTP logits [depth,B,T,V]); used to initialise every parameter."""
         logits_BTV, h_BTD = self(tokens_BT)
         return logits_BTV, self.mtp(h_BTD, tokens_BT)
-
-
-def _defaults(tokens_BT: jax.Array, positions_BT: jax.Array | None, mask_BTS: jax.Array | None):
-    if positions_BT is None:
-        positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
-    if mask_BTS is None:
-        mask_BTS = causal_mask(positions_BT)
-    return positions_BT, mask_BTS
