@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained to step {rc.train.steps}: final loss {result['final_loss']:.4f}; run directory {out_dir}")
     if rc.run.sample_tokens > 0:
         variables = {"params": result["state"].params, "router": result["state"].router}
-        prompt = [tokenizer.bos_id] + tokenizer.encode(rc.run.sample_prompt)
+        prompt = [tokenizer.bos_id, *tokenizer.encode(rc.run.sample_prompt)]
         ids = sample_tokens(rc.model, variables, prompt, rc.run.sample_tokens, rc.run.sample_temperature,
                             seed=rc.train.seed, stop_id=tokenizer.eos_id)
         print(f"--- sample (temperature {rc.run.sample_temperature}) ---")
@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif tokenizer is None:
         raise SystemExit("error: this checkpoint has no tokenizer; pass --prompt-ids 1,2,3")
     else:
-        prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+        prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     start = time.perf_counter()
     result = generate(config, variables, prompt, args.max_new_tokens, args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, speculative=args.speculative)

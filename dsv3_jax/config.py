@@ -156,7 +156,7 @@ def _read_hf_json(path_or_dict: str | os.PathLike | dict) -> dict:
 
 def _from_hf_dict(hf: dict) -> ModelConfig:
     _check_supported(hf)
-    kwargs = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None or k == "q_lora_rank" and k in hf}
+    kwargs = {k: hf[k] for k in _HF_FIELDS if (k in hf and hf[k] is not None) or (k == "q_lora_rank" and k in hf)}
     if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
         kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
     for key in ("eos_token_id", "bos_token_id"):

@@ -81,7 +81,7 @@ class Tokenizer(abc.ABC):
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         self._save_files(path)
 
-    def _save_files(self, directory: Path) -> None:
+    def _save_files(self, directory: Path) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Write the kind-specific files; the byte tokenizer has none."""
 
     @classmethod

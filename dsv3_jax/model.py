@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array):
         c = self.config
-        x_BTD = x_BTD + MLA(c, self.cache_len, name="attn")(RMSNorm(c, c.hidden_size, name="attn_norm")(x_BTD), positions_BT, mask_BTS)
+        h_BTD = RMSNorm(c, c.hidden_size, name="attn_norm")(x_BTD)
+        x_BTD = x_BTD + MLA(c, self.cache_len, name="attn")(h_BTD, positions_BT, mask_BTS)
         h_BTD = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_BTD)
         ffn = MoE(c, name="moe") if self.use_moe else MLP(c, c.intermediate_size, name="mlp")
         x_BTD = constrain(x_BTD + ffn(h_BTD), ("act_batch", "act_seq", "act_embed"))
@@ -112,7 +113,7 @@ class Transformer(nn.Module):
         self.embedding = self.param("embed_tokens", nn.with_logical_partitioning(
             nn.initializers.normal(c.init_std), ("vocab", "embed")), (c.vocab_size, c.hidden_size), c.weight_dtype)
         self.stacks = [LayerStack(c, use_moe, count, self.cache_len, name=name) for (name, use_moe), count
-                       in zip(STACKS, (c.num_dense_layers, c.num_moe_layers)) if count > 0]
+                       in zip(STACKS, (c.num_dense_layers, c.num_moe_layers), strict=True) if count > 0]
         self.final_norm = RMSNorm(c, c.hidden_size)
         self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
             nn.initializers.normal(c.init_std), ("embed", "vocab")), (c.hidden_size, c.vocab_size), c.weight_dtype)

@@ -28,7 +28,7 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, config: ModelConfig) -> tuple
     The bias only chooses experts; the weights are the unbiased scores, normalised and scaled.
     """
     c = config
-    n, e = logits_NE.shape
+    n = logits_NE.shape[0]
     scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
     choice_NE = scores_NE + bias_E.astype(jnp.float32)
     group_NGe = choice_NE.reshape(n, c.n_group, c.experts_per_group)
@@ -159,7 +159,7 @@ def resolve_impl(impl: str) -> str:
 
 
 def balance_term(scores_BTE: jax.Array, experts_BTX: jax.Array, num_experts: int) -> jax.Array:
-    """Sequence-wise balance Σ_i f_i·P_i averaged over sequences (DESIGN.md §3, without α), from the dispatched top-k."""
+    """Sequence-wise balance Σ_i f_i·P_i, mean over sequences (DESIGN.md §3, without α), from the dispatched top-k."""
     _, t, x = experts_BTX.shape
     hits_BE = jax.nn.one_hot(experts_BTX, num_experts, dtype=jnp.float32).sum(axis=(1, 2))
     f_BE = hits_BE * num_experts / (x * t)

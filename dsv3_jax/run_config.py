@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from typing import Any
+
+import tomllib
 
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.train_step import TrainConfig

@@ -13,6 +13,7 @@ ml_dtypes types, as every supported accelerator host is).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -238,10 +239,9 @@ class SafetensorsFile:
         """Release the mapping; still-referenced arrays keep it alive until they are freed."""
         mm, self._mmap = self._mmap, None
         if mm is not None:
-            try:
+            # exported views may exist; the mapping is then released when the last one is garbage-collected
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                pass  # exported views exist; the mapping is released when the last one is garbage-collected
 
 
 # --------------------------------------------------------------------------------------------

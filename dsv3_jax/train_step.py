@@ -140,12 +140,12 @@ def _accumulate(loss_fn, params, router, batch, lam, accum: int):
         return jax.tree_util.tree_map(jnp.add, carry, (loss, aux, grads)), None
 
     first = jax.tree_util.tree_map(lambda a: a[0], micro)
-    init = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: (lambda r: (r[0][0], r[0][1], r[1]))(
-        grad_fn(params, router, first, lam))))
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, router, first, lam)
+    init = jax.tree_util.tree_map(jnp.zeros_like, (loss0, aux0, grads0))
     (loss, aux, grads), _ = jax.lax.scan(body, init, micro)
-    mean = lambda x: x / accum  # noqa: E731
     loads = aux.pop("loads")
-    return mean(loss), jax.tree_util.tree_map(mean, aux), jax.tree_util.tree_map(mean, grads), loads
+    aux, grads = jax.tree_util.tree_map(lambda x: x / accum, (aux, grads))
+    return loss / accum, aux, grads, loads
 
 
 def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,

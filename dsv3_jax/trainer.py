@@ -99,7 +99,7 @@ class _Logger:
     """Writes fetched metrics (a step late, so the device never waits) and stops on a non-finite step."""
 
     def __init__(self, path: str, progress: Progress, tokens_per_step: int):
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.progress, self.tokens_per_step = progress, tokens_per_step
         self.last_time = time.perf_counter()
         self.last_loss = float("nan")
