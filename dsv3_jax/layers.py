@@ -10,7 +10,7 @@ Shape-suffix legend used in every module of the package (einsum strings use the 
 
 Logical axis names (mapped to mesh axes by `sharding/rules.py`, never named in model code):
     "vocab", "embed", "q_lora", "kv_lora", "q_heads" (H·(N+R)), "kv_heads" (H·(N+U)), "o_heads" (H·U),
-    "kv_a" (C+R), "mlp", "expert", "expert_mlp", "norm", "layers";
+    "kv_a" (C+R), "mlp", "expert", "expert_embed", "expert_mlp", "router_expert", "mtp_concat", "norm", "layers";
     activations: "act_batch", "act_seq", "act_embed".
 """
 

@@ -177,12 +177,12 @@ class MoE(nn.Module):
         c = self.config
         b, t, d = x_BTD.shape
         e, f = c.n_routed_experts, c.moe_intermediate_size
-        gate_DE = weight(self, "gate", (d, e), ("embed", "expert"), c, dtype=jnp.float32)
+        gate_DE = weight(self, "gate", (d, e), ("embed", "router_expert"), c, dtype=jnp.float32)
         bias_E = self.variable(ROUTER_COLLECTION, "bias", nn.with_logical_partitioning(
-            jnp.zeros, ("expert",)), (e,), jnp.float32).value
-        w_gate = weight(self, "w_gate", (e, d, f), ("expert", "embed", "expert_mlp"), c)
-        w_up = weight(self, "w_up", (e, d, f), ("expert", "embed", "expert_mlp"), c)
-        w_down = weight(self, "w_down", (e, f, d), ("expert", "expert_mlp", "embed"), c)
+            jnp.zeros, ("router_expert",)), (e,), jnp.float32).value
+        w_gate = weight(self, "w_gate", (e, d, f), ("expert", "expert_embed", "expert_mlp"), c)
+        w_up = weight(self, "w_up", (e, d, f), ("expert", "expert_embed", "expert_mlp"), c)
+        w_down = weight(self, "w_down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), c)
 
         x_ND = x_BTD.reshape(b * t, d)
         with jax.named_scope("moe_route"):

@@ -38,7 +38,7 @@ class Layout:
 # Parameters: "layers" is never sharded (scan slices it). Activations: act_* names.
 _BASE = (("layers", None), ("norm", None), ("vocab", None), ("embed", None), ("q_lora", None), ("kv_lora", None),
          ("kv_a", None), ("q_heads", None), ("kv_heads", None), ("o_heads", None), ("mlp", None),
-         ("mtp_concat", None), ("expert", None), ("expert_mlp", None),
+         ("mtp_concat", None), ("expert", None), ("expert_embed", None), ("expert_mlp", None), ("router_expert", None),
          ("act_batch", "data"), ("act_seq", None), ("act_embed", None))
 
 
@@ -56,6 +56,17 @@ LAYOUTS: dict[str, Layout] = {
     "cpu-8": Layout("cpu-8", (("data", 2), ("expert", 2), ("tensor", 2)), _rules(
         expert="expert", q_heads="tensor", kv_heads="tensor", o_heads="tensor", mlp="tensor", vocab="tensor")),
     "data": Layout("data", (("data", -1),), _rules()),
+    # Single host, 8 GPUs, inference: experts spread 8 ways, attention heads 8 ways (tensor), batch replicated.
+    "gpu-8-infer": Layout("gpu-8-infer", (("data", 1), ("expert", 8)), _rules(
+        expert="expert", q_heads="expert", kv_heads="expert", o_heads="expert", mlp="expert", vocab="expert")),
+    # Report-style training: 64-way expert parallelism across 8 nodes x 8 GPUs, data parallel over the rest,
+    # dense weights sharded (FSDP) over the same 64 devices.
+    "train-ep64": Layout("train-ep64", (("data", -1), ("expert", 64)), _rules(
+        expert="expert", embed="expert", act_batch=("data", "expert"))),
+    # TPU pod slice: FSDP over "fsdp", experts over "expert", heads over "tensor".
+    "tpu-pod": Layout("tpu-pod", (("fsdp", -1), ("expert", 16), ("tensor", 4)), _rules(
+        expert="expert", embed="fsdp", q_heads="tensor", kv_heads="tensor", o_heads="tensor", mlp="tensor",
+        vocab="tensor", act_batch=("fsdp", "expert"))),
 }
 
 
