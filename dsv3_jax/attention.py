@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import constrain, rms_norm, weight
-from dsv3_jax.matmul import einsum
+from dsv3_jax.matmul import as_dense, einsum
 from dsv3_jax.rope import apply_rotary, rotary_tables, softmax_scale
 
 CACHE_COLLECTION = "cache"  # decoding: per-layer latent cache (c_kv, rotated k_pe)
@@ -32,19 +32,19 @@ class MLA(nn.Module):
         width = c.num_attention_heads * c.qk_head_dim
         if c.q_lora_rank is None:
             wq = weight(self, "wq", (c.hidden_size, width), ("embed", "q_heads"), c)
-            return einsum("btd,dk->btk", x_BTD, wq)
+            return einsum("btd,dk->btk", x_BTD, wq, policy=c.matmul_policy)
         wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), c)
         q_norm = weight(self, "q_norm", (c.q_lora_rank,), ("norm",), c, init="ones")
         wq_b = weight(self, "wq_b", (c.q_lora_rank, width), ("q_lora", "q_heads"), c)
-        q_BTQ = rms_norm(einsum("btd,dq->btq", x_BTD, wq_a), q_norm, c.rms_norm_eps)
-        return einsum("btq,qk->btk", q_BTQ, wq_b)
+        q_BTQ = rms_norm(einsum("btd,dq->btq", x_BTD, wq_a, policy=c.matmul_policy), q_norm, c.rms_norm_eps)
+        return einsum("btq,qk->btk", q_BTQ, wq_b, policy=c.matmul_policy)
 
     def _latent(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normalised latent c_kv [B,T,C] and the un-rotated shared rotary key k_pe [B,T,R]."""
         c = self.config
         wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_a"), c)
         kv_norm = weight(self, "kv_norm", (c.kv_lora_rank,), ("norm",), c, init="ones")
-        kv_BTA = einsum("btd,da->bta", x_BTD, wkv_a)
+        kv_BTA = einsum("btd,da->bta", x_BTD, wkv_a, policy=c.matmul_policy)
         ckv_BTC, kpe_BTR = jnp.split(kv_BTA, [c.kv_lora_rank], axis=-1)
         return rms_norm(ckv_BTC, kv_norm, c.rms_norm_eps), kpe_BTR
 
@@ -63,7 +63,7 @@ class MLA(nn.Module):
             q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
             qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
             ckv_BSC, kpe_BSR = self._latent(x_BTD)
-            kv_BSHZ = einsum("bsc,cz->bsz", ckv_BSC, wkv_b).reshape(b, t, h, n + u)
+            kv_BSHZ = einsum("bsc,cz->bsz", ckv_BSC, wkv_b, policy=c.matmul_policy).reshape(b, t, h, n + u)
             knope_BSHN, v_BSHU = jnp.split(kv_BSHZ, [n], axis=-1)
             cos, sin = rotary_tables(c, positions_BT)
             qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
@@ -74,7 +74,7 @@ class MLA(nn.Module):
 
     def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
         b, t = out_BTHU.shape[:2]
-        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, -1), wo)
+        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, -1), wo, policy=self.config.matmul_policy)
         return constrain(out_BTD, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -92,7 +92,7 @@ class MLA(nn.Module):
         cos, sin = rotary_tables(c, positions_BT)
         qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
         ckv_BSC, kpe_BSR = self._write_cache(ckv_BTC, apply_rotary(kpe_BTR, cos, sin), positions_BT)
-        wkv_CHZ = wkv_b.reshape(c.kv_lora_rank, h, n + u)
+        wkv_CHZ = as_dense(wkv_b, x_BTD.dtype).reshape(c.kv_lora_rank, h, n + u)
         with jax.named_scope("mla_absorbed"):
             qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHZ[..., :n])
             olat_BTHC = attend(qlat_BTHC, qpe_BTHR, ckv_BSC, kpe_BSR, ckv_BSC, mask_BTS, softmax_scale(c))

@@ -35,6 +35,8 @@ class RopeScaling:
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
+MATMUL_PRECISIONS = ("default", "fp8")
+FP8_IMPLS = ("blockwise", "dequant")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -75,6 +77,8 @@ class ModelConfig:
     remat_policy: str = "none"  # one of REMAT_POLICIES
     moe_impl: str = "auto"  # one of MOE_IMPLS; "auto" = ragged_dot on GPU/TPU, tiled gather-matmul on CPU
     init_std: float = 0.006  # report §3: init std 0.006
+    matmul_precision: str = "default"  # "fp8": FP8 block-scaled GEMMs for attention/MLP/expert projections
+    fp8_impl: str = "blockwise"  # "blockwise" (fp32 promotion per 128 of K) or "dequant" (one dot, same math)
 
     def __post_init__(self):
         validate(self)
@@ -104,6 +108,13 @@ class ModelConfig:
     def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
+    @property
+    def matmul_policy(self):
+        """The policy handed to `matmul.einsum` at the projections the FP8 recipe covers."""
+        from dsv3_jax.matmul import MatmulPolicy
+
+        return MatmulPolicy(fp8_plain=self.matmul_precision == "fp8", impl=self.fp8_impl)
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -132,8 +143,9 @@ class ModelConfig:
         return out
 
 
-_HF_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {
-    "dtype", "param_dtype", "scan_layers", "remat_policy", "moe_impl", "init_std", "rope_scaling"}
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "moe_impl", "init_std", "matmul_precision",
+                  "fp8_impl")
+_HF_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {*RUNTIME_FIELDS, "rope_scaling"}
 
 
 def _read_hf_json(path_or_dict: str | os.PathLike | dict) -> dict:
@@ -239,6 +251,9 @@ def validate(c: ModelConfig) -> None:
     _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
     _require(c.remat_policy in REMAT_POLICIES, "remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}")
     _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
+    _require(c.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
+             f"{c.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
+    _require(c.fp8_impl in FP8_IMPLS, "fp8_impl", f"{c.fp8_impl!r} is not one of {FP8_IMPLS}")
     _require(0 <= c.bos_token_id < c.vocab_size, "bos_token_id", f"{c.bos_token_id} outside [0, {c.vocab_size})")
     _require(0 <= c.eos_token_id < c.vocab_size, "eos_token_id", f"{c.eos_token_id} outside [0, {c.vocab_size})")
 

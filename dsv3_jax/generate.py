@@ -18,6 +18,7 @@ import numpy as np
 from dsv3_jax.api import InputError, abstract_variables
 from dsv3_jax.attention import CACHE_COLLECTION
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import QuantArray
 from dsv3_jax.model import Transformer
 
 CACHE_BUCKET = 64  # cache slots are rounded up to a multiple of this: decode cost follows the live length
@@ -153,7 +154,8 @@ def check_variables(config: ModelConfig, variables: dict, *, need_mtp: bool = Fa
     expected = abstract_variables(config)
     for collection in ("params", "router"):
         flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected.get(collection, {}))[0])
-        flat_found = dict(jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0])
+        flat_found = dict(jax.tree_util.tree_flatten_with_path(
+            variables.get(collection, {}), is_leaf=lambda x: isinstance(x, QuantArray))[0])
         for path, leaf in flat_expected.items():
             name = f"{collection}{jax.tree_util.keystr(path)}"
             if path not in flat_found:

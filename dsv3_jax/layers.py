@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.matmul import einsum
+from dsv3_jax.matmul import MatmulPolicy, einsum
 
 
 def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], config: ModelConfig,
@@ -57,11 +57,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.config.rms_norm_eps)
 
 
-def swiglu(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array) -> jax.Array:
+def swiglu(x_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
+           policy: MatmulPolicy | None = None) -> jax.Array:
     """W_down(silu(W_gate x) ⊙ W_up x) over the last axis of x."""
-    gate = einsum("...d,df->...f", x_BTD, w_gate_DF)
-    up = einsum("...d,df->...f", x_BTD, w_up_DF)
-    return einsum("...f,fd->...d", jax.nn.silu(gate) * up, w_down_FD)
+    gate = einsum("...d,df->...f", x_BTD, w_gate_DF, policy=policy)
+    up = einsum("...d,df->...f", x_BTD, w_up_DF, policy=policy)
+    return einsum("...f,fd->...d", jax.nn.silu(gate) * up, w_down_FD, policy=policy)
 
 
 class MLP(nn.Module):
@@ -78,4 +79,4 @@ class MLP(nn.Module):
         w_up = weight(self, "w_up", (c.hidden_size, f), ("embed", self.mlp_axis), c)
         w_down = weight(self, "w_down", (f, c.hidden_size), (self.mlp_axis, "embed"), c)
         with jax.named_scope("mlp"):
-            return swiglu(x_BTD, w_gate, w_up, w_down)
+            return swiglu(x_BTD, w_gate, w_up, w_down, c.matmul_policy)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, weight
-from dsv3_jax.matmul import einsum
+from dsv3_jax.matmul import MatmulPolicy, as_dense, einsum
 
 ROUTER_COLLECTION = "router"  # non-trainable: the per-expert correction bias lives here, not in "params"
 STATS_COLLECTION = "moe_stats"  # sown per layer: expert load counts and the sequence-wise balance term
@@ -110,7 +110,7 @@ def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: 
 
 
 def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
     """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
     e, m = w_gate_EDF.shape[0], experts_NX.size
     tile = tile_size(m, e)
@@ -118,33 +118,38 @@ def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_
     xs_MD, order_M, inverse_M, expert_M, sizes_E = _sort_pairs(x_ND, experts_NX, e)
     dest_M, src_P, tile_expert_Z = _tile_layout(expert_M, sizes_E, tile, num_tiles)
     x_ZtD = permute_rows(xs_MD, src_P, dest_M).reshape(num_tiles, tile, -1)
-    gate = einsum("ztd,zdf->ztf", x_ZtD, w_gate_EDF[tile_expert_Z])
-    up = einsum("ztd,zdf->ztf", x_ZtD, w_up_EDF[tile_expert_Z])
-    y_PD = einsum("ztf,zfd->ztd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert_Z]).reshape(num_tiles * tile, -1)
+    gate = einsum("ztd,zdf->ztf", x_ZtD, w_gate_EDF[tile_expert_Z], policy=policy)
+    up = einsum("ztd,zdf->ztf", x_ZtD, w_up_EDF[tile_expert_Z], policy=policy)
+    h_ZtF = jax.nn.silu(gate) * up
+    y_PD = einsum("ztf,zfd->ztd", h_ZtF, w_down_EFD[tile_expert_Z], policy=policy).reshape(num_tiles * tile, -1)
     return _unsort_combine(permute_rows(y_PD, dest_M, src_P), order_M, inverse_M, weights_NX)
 
 
 def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
-    """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert."""
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert.
+
+    FP8-resident expert weights are dequantised for ragged_dot (no block-scaled grouped GEMM in XLA yet).
+    """
     xs_MD, order_M, inverse_M, _, sizes_E = _sort_pairs(x_ND, experts_NX, w_gate_EDF.shape[0])
     dtype = x_ND.dtype
 
     def gdot(lhs, rhs):
-        return jax.lax.ragged_dot(lhs, rhs.astype(dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
+        return jax.lax.ragged_dot(lhs, as_dense(rhs, dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
 
     h_MF = jax.nn.silu(gdot(xs_MD, w_gate_EDF)) * gdot(xs_MD, w_up_EDF)
     return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, inverse_M, weights_NX)
 
 
 def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-              w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+              w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
     """Reference: every expert on every token, weighted by a [N,E] combine matrix that is zero off the top-k."""
     n = x_ND.shape[0]
     combine_NE = jnp.zeros((n, w_gate_EDF.shape[0]), jnp.float32).at[jnp.arange(n)[:, None], experts_NX].add(
         weights_NX)
-    h_NEF = jax.nn.silu(einsum("nd,edf->nef", x_ND, w_gate_EDF)) * einsum("nd,edf->nef", x_ND, w_up_EDF)
-    y_NED = einsum("nef,efd->ned", h_NEF, w_down_EFD)
+    h_NEF = jax.nn.silu(einsum("nd,edf->nef", x_ND, w_gate_EDF, policy=policy)) * einsum(
+        "nd,edf->nef", x_ND, w_up_EDF, policy=policy)
+    y_NED = einsum("nef,efd->ned", h_NEF, w_down_EFD, policy=policy)
     return jnp.einsum("ned,ne->nd", y_NED, combine_NE, preferred_element_type=jnp.float32).astype(x_ND.dtype)
 
 
@@ -189,7 +194,8 @@ class MoE(nn.Module):
             logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), gate_DE)
             weights_NX, experts_NX, scores_NE = route(logits_NE, nn.unbox(bias_E), c)
         with jax.named_scope("moe_experts"):
-            routed_ND = EXPERT_FFNS[resolve_impl(c.moe_impl)](x_ND, experts_NX, weights_NX, w_gate, w_up, w_down)
+            routed_ND = EXPERT_FFNS[resolve_impl(c.moe_impl)](x_ND, experts_NX, weights_NX, w_gate, w_up, w_down,
+                                                              c.matmul_policy)
         self.sow(STATS_COLLECTION, "expert_load", jnp.bincount(experts_NX.reshape(-1), length=e))
         self.sow(STATS_COLLECTION, "balance", balance_term(
             scores_NE.reshape(b, t, e), experts_NX.reshape(b, t, -1), e))
