@@ -28,9 +28,9 @@ class InputError(ValueError):
 
 def _init_fn(config: ModelConfig):
     model = Transformer(config)
-    tokens = jnp.zeros((1, 2), jnp.int32)
 
     def init(rng: jax.Array) -> Variables:
+        tokens = jnp.zeros((1, 2), jnp.int32)  # created per trace: a cached closure must not hold a tracer
         variables = model.init(rng, tokens, method=Transformer.forward_with_mtp)
         return {k: v for k, v in variables.items() if k in VARIABLE_COLLECTIONS}
 

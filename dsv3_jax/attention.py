@@ -4,7 +4,8 @@ Two paths over the same parameters:
   - naive (training, and the reference): keys/values expanded per head from the latent, [B,S,H,N+U];
   - absorbed (decoding, `cache_len > 0`): W_kvb's key half folded into the query and its value half applied after
     attention, so the cache holds only the normalised latent c_kv [C] and the rotated shared key k_pe [R] per
-    token — 576 values per token per layer at 671B, against H·(N+R+U) = 57,344 for a per-head cache.
+    token — 576 values per token per layer at 671B, against H·(N+R+U) = 40,960 for a per-head cache of
+    keys and values.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     if sampling.top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p  # always keeps the top token
+        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p) | (jnp.arange(probs_BV.shape[-1]) == 0)
         threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(rng, logits_BV).astype(jnp.int32)
@@ -117,9 +117,10 @@ def _speculative_loop(model, params, cache, prompt_BT, h_BTD, first_B, lengths_B
         ok = (greedy[:, 0] == draft) & ~done
         out, count = _emit(out, count, greedy[:, 0], ~done)
         stop1 = jnp.isin(greedy[:, 0], stops)
-        second = ok & ~stop1 & (count < max_new)
+        usable = ~done & ~stop1 & (count < max_new)  # the draft could extend the output this step
+        second = ok & usable
         out, count = _emit(out, count, greedy[:, 1], second)
-        drafted, accepted = drafted + jnp.sum(~done), accepted + jnp.sum(ok)
+        drafted, accepted = drafted + jnp.sum(usable), accepted + jnp.sum(second)
         done = done | stop1 | (second & jnp.isin(greedy[:, 1], stops)) | (count >= max_new)
         mtp_drafts, cache = _mtp(model, params, state[CACHE_COLLECTION], h, greedy, positions)
         token = jnp.where(ok, greedy[:, 1], greedy[:, 0])
@@ -187,6 +188,28 @@ def _pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new:
     return padded, lengths
 
 
+def _as_prompt_list(prompt_ids) -> list[list[int]]:
+    """A flat id sequence is one prompt; a nested sequence or a 2-D array is a batch."""
+    if isinstance(prompt_ids, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompt_ids)
+        if arr.ndim not in (1, 2):
+            raise InputError(f"prompt_ids must be 1-D or 2-D, got shape {arr.shape}")
+        return [arr.tolist()] if arr.ndim == 1 else arr.tolist()
+    prompt_ids = list(prompt_ids)
+    if prompt_ids and isinstance(prompt_ids[0], (int, np.integer)):
+        return [prompt_ids]
+    return [list(p) for p in prompt_ids]
+
+
+def _check_sampling(config: ModelConfig, temperature: float, top_k: int, top_p: float) -> None:
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0 <= top_k <= config.vocab_size:
+        raise InputError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def generate(config: ModelConfig, variables: dict, prompt_ids: Sequence[Sequence[int]] | Sequence[int],
              max_new_tokens: int, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_ids: Sequence[int] | None = None, speculative: bool = False) -> Generation:
@@ -195,10 +218,10 @@ def generate(config: ModelConfig, variables: dict, prompt_ids: Sequence[Sequence
     stop_ids default to (config.eos_token_id,); pass () to never stop early. speculative=True drafts with the MTP
     module and verifies with the main model (greedy only); the output equals plain greedy decoding.
     """
-    if prompt_ids and isinstance(prompt_ids[0], (int, np.integer)):
-        prompt_ids = [prompt_ids]  # type: ignore[list-item]
+    prompt_ids = _as_prompt_list(prompt_ids)
     if max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    _check_sampling(config, temperature, top_k, top_p)
     if speculative and (temperature > 0 or config.num_nextn_predict_layers < 1):
         raise InputError("speculative decoding needs greedy decoding (temperature 0) and an MTP module")
     check_variables(config, variables, need_mtp=speculative)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, weight
 from dsv3_jax.matmul import MatmulPolicy, as_dense, einsum
@@ -172,34 +173,46 @@ def balance_term(scores_BTE: jax.Array, experts_BTX: jax.Array, num_experts: int
     return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
 
 
+def routed_experts(x_BTD: jax.Array, gate_DE: jax.Array, bias_E: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Route and run the routed experts, all on this device → (out [B,T,D], expert load [E], balance term)."""
+    b, t, d = x_BTD.shape
+    e = config.n_routed_experts
+    x_ND = x_BTD.reshape(b * t, d)
+    with jax.named_scope("moe_route"):
+        logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), gate_DE)
+        weights_NX, experts_NX, scores_NE = route(logits_NE, bias_E, config)
+    with jax.named_scope("moe_experts"):
+        routed_ND = EXPERT_FFNS[resolve_impl(config.moe_impl)](x_ND, experts_NX, weights_NX, w_gate, w_up, w_down,
+                                                               config.matmul_policy)
+    load_E = jnp.bincount(experts_NX.reshape(-1), length=e)
+    balance = balance_term(scores_NE.reshape(b, t, e), experts_NX.reshape(b, t, -1), e)
+    return routed_ND.reshape(b, t, d), load_E, balance
+
+
 class MoE(nn.Module):
-    """Routed experts (dropless) + shared experts. Sows expert loads and the balance term into "moe_stats"."""
+    """Routed experts (dropless) + shared experts. Sows expert loads and the balance term into "moe_stats".
+
+    Inside `parallel.use_expert_parallel(...)` the routed experts run expert-parallel (shard_map + all-to-all).
+    """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         c = self.config
-        b, t, d = x_BTD.shape
-        e, f = c.n_routed_experts, c.moe_intermediate_size
+        d, e, f = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
         gate_DE = weight(self, "gate", (d, e), ("embed", "router_expert"), c, dtype=jnp.float32)
         bias_E = self.variable(ROUTER_COLLECTION, "bias", nn.with_logical_partitioning(
             jnp.zeros, ("router_expert",)), (e,), jnp.float32).value
         w_gate = weight(self, "w_gate", (e, d, f), ("expert", "expert_embed", "expert_mlp"), c)
         w_up = weight(self, "w_up", (e, d, f), ("expert", "expert_embed", "expert_mlp"), c)
         w_down = weight(self, "w_down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), c)
-
-        x_ND = x_BTD.reshape(b * t, d)
-        with jax.named_scope("moe_route"):
-            logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), gate_DE)
-            weights_NX, experts_NX, scores_NE = route(logits_NE, nn.unbox(bias_E), c)
-        with jax.named_scope("moe_experts"):
-            routed_ND = EXPERT_FFNS[resolve_impl(c.moe_impl)](x_ND, experts_NX, weights_NX, w_gate, w_up, w_down,
-                                                              c.matmul_policy)
-        self.sow(STATS_COLLECTION, "expert_load", jnp.bincount(experts_NX.reshape(-1), length=e))
-        self.sow(STATS_COLLECTION, "balance", balance_term(
-            scores_NE.reshape(b, t, e), experts_NX.reshape(b, t, -1), e))
-        out_BTD = routed_ND.reshape(b, t, d)
+        ep = parallel.current_expert_parallel()
+        run = routed_experts if ep is None else ep.routed_experts
+        out_BTD, load_E, balance = run(x_BTD, gate_DE, nn.unbox(bias_E), w_gate, w_up, w_down, c)
+        self.sow(STATS_COLLECTION, "expert_load", load_E)
+        self.sow(STATS_COLLECTION, "balance", balance)
         if c.n_shared_experts > 0:
             out_BTD = out_BTD + MLP(c, f * c.n_shared_experts, "expert_mlp", name="shared")(x_BTD)
         return out_BTD

@@ -156,17 +156,18 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
         lambda b, load, g: sign_update(b, load, g, center=True))
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        lam, gamma = _schedules(tc, state.step)
+        step = state.step
+        lam, gamma = _schedules(tc, step)
         loss, aux, grads, loads = _accumulate(loss_fn, state.params, state.router, batch, lam, tc.grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         router = update_router(state.router, loads, gamma, hook) if state.router else state.router
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         new = TrainState(step=state.step + 1, params=params, router=router, opt_state=opt_state)
         state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
-                   "grad_norm": grad_norm, "lr": lr_schedule(tc)(state.step - 1), "finite": finite,
+                   "grad_norm": grad_norm, "lr": lr_schedule(tc)(step), "finite": finite,
                    "mtp_lambda": lam, "bias_gamma": gamma}
         if loads:
             layer_loads = per_layer_loads(loads)

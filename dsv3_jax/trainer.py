@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from dsv3_jax import data as data_lib
 from dsv3_jax.api import init_variables
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
 from dsv3_jax.progress import Progress
 from dsv3_jax.run_config import RunConfig, run_config_from_dict
 from dsv3_jax.train_step import TrainState, init_state, jit_train_step, make_optimizer, make_train_step
@@ -60,7 +60,7 @@ def _check_same_config(saved: dict, rc: RunConfig, out_dir: str) -> None:
     current = json.loads(json.dumps(rc.to_dict()))
     for section in ("model", "data"):
         for key, value in current[section].items():
-            if saved[section].get(key) != value and key not in ("dtype", "scan_layers", "remat_policy", "moe_impl"):
+            if saved[section].get(key) != value and key not in RUNTIME_FIELDS:
                 raise TrainingError(f"{out_dir}: checkpoint was trained with [{section}] {key}="
                                     f"{saved[section].get(key)!r}, this run has {value!r}; use another --out")
 
@@ -69,10 +69,10 @@ def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
     step = manager.latest_step()
     if step is None:
         return None, None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    _check_same_config(restored["meta"]["run_config"], rc, out_dir)
-    return restored["state"], restored["meta"]
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    _check_same_config(meta["run_config"], rc, out_dir)  # before the state: a shape mismatch must name the field
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"], meta
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

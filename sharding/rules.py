@@ -53,8 +53,14 @@ def _rules(**overrides: MeshAxes) -> tuple[tuple[str, MeshAxes], ...]:
 
 LAYOUTS: dict[str, Layout] = {
     "single": Layout("single", (("data", 1),), _rules()),
+    # 8 simulated CPU devices (tests): data x expert x tensor; attention data-parallel over data·expert with heads
+    # over tensor, routed experts over expert (all-to-all dispatch), dense MLP and vocab over tensor.
     "cpu-8": Layout("cpu-8", (("data", 2), ("expert", 2), ("tensor", 2)), _rules(
-        expert="expert", q_heads="tensor", kv_heads="tensor", o_heads="tensor", mlp="tensor", vocab="tensor")),
+        expert="expert", q_heads="tensor", kv_heads="tensor", o_heads="tensor", mlp="tensor", vocab="tensor",
+        act_batch=("data", "expert"))),
+    "cpu-8-ep": Layout("cpu-8-ep", (("expert", 8),), _rules(expert="expert", act_batch=("expert",))),
+    "cpu-8-fsdp": Layout("cpu-8-fsdp", (("fsdp", 8),), _rules(
+        embed="fsdp", expert_embed="fsdp", act_batch=("fsdp",))),
     "data": Layout("data", (("data", -1),), _rules()),
     # Single host, 8 GPUs, inference: experts spread 8 ways, attention heads 8 ways (tensor), batch replicated.
     "gpu-8-infer": Layout("gpu-8-infer", (("data", 1), ("expert", 8)), _rules(

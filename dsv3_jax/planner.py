@@ -1,0 +1,912 @@
+"""Resource planner: parameters, weight/scale bytes, KV cache, training memory, FLOPs, minimum chips and a decode
+throughput bound for a config on a mesh layout — all derived from the model's abstract parameter tree
+(`abstract_variables`, `logical_axes`, `param_counts`) and the sharding rules (`sharding.get_layout`,
+`sharding.to_mesh_spec`), never from hand-typed model constants.
+
+Units: bytes (B; GB = 10⁹ B in tables), FLOPs, tokens/s. "Per device" figures are for one chip of the mesh.
+
+Weight storage (`weights=`), DESIGN.md §4-5:
+  - "fp8": every linear weight of attention, dense MLP, shared and routed experts (MTP block included) is 1 byte
+    plus one float32 scale per 128×128 block (ceil(K/128)·ceil(N/128) per matrix, per layer/expert for stacked
+    arrays); embedding, lm_head, norms and eh_proj stay bf16; router gate and correction bias fp32.
+  - "bf16" / "fp32": every weight in that dtype except the router gate and bias (always fp32).
+A linear weight is recognised from its logical axes: two matrix axes besides the stacking axes ("layers",
+"expert") and none of "vocab", "norm", "router_expert", "mtp_concat".
+
+Placement: a leaf sharded over mesh axes of total size k stores 1/k of its bytes; replicated leaves are stored
+whole. With `layout=None` and `chips=N` the default placement is expert parallelism over gcd(N, n_routed_experts)
+devices, everything else replicated, and the batch (attention, KV cache, activations) split over all N devices
+("DP attention + EP experts"). Activations and the KV cache are split over the mesh axes of the layout's
+"act_batch" rule (ceil(B/k) sequences per device); logits over the "vocab" rule.
+
+Training memory per device: fp32 master parameters (+ the fp32 router bias), fp32 gradients, AdamW first moment in
+`moment_dtype` (report default bf16) and fp32 second moment, plus activations (`activation_breakdown`).
+
+Activation formula (per device, N = B_local·T tokens, a = compute-dtype bytes, f = 4, H heads, S = T keys),
+measured against the residuals JAX saves for the backward pass (`jax.ad_checkpoint.print_saved_residuals`) and
+against XLA's compiled memory analysis of `train_step` (tests/test_planner.py):
+  - every RMSNorm keeps w·(2a + f) bytes per token (its fp32 input, the normalised and the scaled tensors);
+  - attention per layer and token: norm(D) twice (attention and FFN norms, covering the residual stream),
+    norm(Q) (q_lora), norm(C), a·R (rotated k_pe), a·H·(2N + R + 2U) (q_nope, k_nope, rotated q_pe, v, output)
+    and the score tensors H·S·(f + a) (masked fp32 scores and the probabilities: this port materialises [B,H,T,S]);
+  - dense MLP: 6·a·F (gate, up, the silu internals, product); MoE: router D·f + 3·E·f + X·(3f + 4),
+    the per-pair outputs a·X·D, the shared expert 6·a·F_shared, and the dispatch buffers: for "ragged" (GPU/TPU)
+    M = N·X sorted pairs × a·(D + 6F); for "blocks" (CPU) the padded tile rows × a·(D + 6F) plus the per-tile
+    gathered expert weights 3·Z·D·F·a; int32 permutation indices;
+  - compute-dtype copies of the fp32 master weights used by the matmuls (only when the compute dtype is not fp32);
+  - heads (main + each MTP depth): 2·V·f per token (log-softmax kept for the backward pass and its cotangent),
+    plus the final norm; MTP extras: embedding, enorm, hnorm, the [2D] concat and the eh_proj output; the causal
+    mask broadcast per stack, H·S·(1 + f);
+  - remat "none": the sum over layers of the above; remat "full": each layer keeps only its input a·D, plus the
+    heads and MTP extras, plus the backward working set of the largest layer = its recomputed residuals + twice its
+    score tensors + its dispatch (or dense-MLP) buffers (the cotangents live at the peak; measured on CPU).
+Flash-style attention (not in this port) would remove the H·S terms.
+
+FLOPs per token: forward = 2 × (active parameters − embedding) + per layer 2·H·S·(N + R) + 2·H·S·U (scores and
+values over S = T keys, as the implementation computes the full masked square); training = 3 × (forward + the MTP
+depths' forward); decode (absorbed attention over a cache of T) = 2 × (active − embedding) + per layer
+2·H·T·(2C + R).
+
+Decode bound: per step each device reads its share of the non-embedding main-model weights (routed experts only
+in the expected touched fraction 1 − (1 − X/E)^B for a batch of B tokens) and its KV cache shard; tokens/s ≤
+B · bandwidth / (bytes read per device). MTP weights are not read (no speculative decoding in the bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from dsv3_jax.chips import CHIPS, Chip
+from dsv3_jax.config import PRESETS, ConfigError, ModelConfig
+
+WEIGHT_MODES = ("fp8", "bf16", "fp32")
+MODES = ("infer", "train")
+REMATS = ("none", "full")
+MOE_IMPLS = ("ragged", "blocks")
+MOMENT_DTYPES = ("bfloat16", "float32")
+FP8_BLOCK = 128  # weight block edge (DESIGN.md §4)
+F32 = 4  # bytes
+STACK_AXES = ("layers", "expert")  # leading axes of stacked arrays: one matrix per index
+HEAD_AXES = ("q_heads", "kv_heads", "o_heads")
+MAX_SEARCH_CHIPS = 65536
+
+# Logical axis → the config field whose size it carries (for error messages).
+_AXIS_FIELDS = {
+    "vocab": "vocab_size", "embed": "hidden_size", "expert_embed": "hidden_size", "mlp": "intermediate_size",
+    "expert_mlp": "moe_intermediate_size", "expert": "n_routed_experts", "router_expert": "n_routed_experts",
+    "q_lora": "q_lora_rank", "kv_lora": "kv_lora_rank", "kv_a": "kv_lora_rank + qk_rope_head_dim",
+    "q_heads": "num_attention_heads * qk_head_dim", "kv_heads": "num_attention_heads * (qk_nope + v_head_dim)",
+    "o_heads": "num_attention_heads * v_head_dim", "mtp_concat": "2 * hidden_size", "layers": "num_hidden_layers",
+    "norm": "norm width",
+}
+
+
+class PlanError(ValueError):
+    """An input the planner cannot plan for; the message names the field (chip, layout, chips, batch, ...)."""
+
+
+# ---------------------------------------------------------------- the parameter tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One variable of the model: where it lives, its shape, logical axes and storage class."""
+
+    collection: str  # "params" or "router"
+    path: str  # e.g. "params/moe_layers/layers/moe/w_gate"
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, one per dimension
+    kind: str  # "linear" | "embedding" | "head" | "norm" | "router_gate" | "router_bias" | "mtp_proj" | "other"
+    mtp: bool  # belongs to the MTP module
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def routed(self) -> bool:
+        """A routed-expert weight (stacked over the "expert" axis)."""
+        return "expert" in self.axes
+
+    @property
+    def scale_count(self) -> int:
+        """FP8 block scales: ceil(K/128)·ceil(N/128) per matrix × the stacked layer/expert count (0: not linear)."""
+        if self.kind != "linear":
+            return 0
+        lead = math.prod(d for d, a in zip(self.shape, self.axes, strict=True) if a in STACK_AXES)
+        k, n = (d for d, a in zip(self.shape, self.axes, strict=True) if a not in STACK_AXES)
+        return lead * math.ceil(k / FP8_BLOCK) * math.ceil(n / FP8_BLOCK)
+
+
+def _classify(collection: str, axes: tuple[str | None, ...]) -> str:
+    """Storage class of a variable from its logical axes (see the module docstring)."""
+    if collection != "params":
+        return "router_bias" if "router_expert" in axes else "other"
+    core = [a for a in axes if a not in STACK_AXES]
+    if "norm" in core:
+        return "norm"
+    if "router_expert" in core:
+        return "router_gate"
+    if core == ["vocab", "embed"]:
+        return "embedding"
+    if core == ["embed", "vocab"]:
+        return "head"
+    if "mtp_concat" in core:
+        return "mtp_proj"
+    return "linear" if len(core) == 2 else "other"
+
+
+@functools.lru_cache(maxsize=16)
+def model_leaves(config: ModelConfig) -> tuple[Leaf, ...]:
+    """Every variable of `config` (main model + MTP), from `abstract_variables` and `logical_axes` (no allocation)."""
+    from dsv3_jax.api import abstract_variables, logical_axes
+
+    shapes = jax.tree_util.tree_flatten_with_path(abstract_variables(config))[0]
+    specs = jax.tree_util.tree_flatten_with_path(
+        logical_axes(config), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    leaves = []
+    for (path, leaf), (spec_path, spec) in zip(shapes, specs, strict=True):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        if keys != [str(getattr(p, "key", p)) for p in spec_path]:
+            raise PlanError(f"abstract_variables and logical_axes disagree at {'/'.join(keys)}")
+        axes = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        leaves.append(Leaf(keys[0], "/".join(keys), tuple(int(d) for d in leaf.shape), axes,
+                           _classify(keys[0], axes), any(k.startswith("mtp_") for k in keys)))
+    return tuple(leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_counts(config: ModelConfig) -> dict[str, int]:
+    """`dsv3_jax.param_counts`, cached per config (it traces the model)."""
+    from dsv3_jax.api import param_counts
+
+    return param_counts(config)
+
+
+def _value_bytes(leaf: Leaf, weights: str) -> int:
+    """Bytes per element of a leaf's values under a weight mode (scales not included)."""
+    if weights == "fp32" or leaf.kind in ("router_gate", "router_bias"):
+        return 4
+    if weights == "fp8" and leaf.kind == "linear":
+        return 1
+    return 2
+
+
+def weight_bytes_by_dtype(config: ModelConfig, weights: str = "fp8", *, mtp: bool = True) -> dict[str, int]:
+    """Stored bytes of every weight (main model, + MTP when mtp) by dtype: {"fp8", "bf16", "fp32", "fp8_scales"}."""
+    _check_choice("weights", weights, WEIGHT_MODES)
+    names = {1: "fp8", 2: "bf16", 4: "fp32"}
+    out = {"fp8": 0, "bf16": 0, "fp32": 0, "fp8_scales": 0}
+    for leaf in model_leaves(config):
+        if leaf.mtp and not mtp:
+            continue
+        nbytes = _value_bytes(leaf, weights)
+        out[names[nbytes]] += leaf.size * nbytes
+        if weights == "fp8":
+            out["fp8_scales"] += leaf.scale_count * F32
+    return out
+
+
+def checkpoint_element_counts(config: ModelConfig) -> dict[str, int]:
+    """Elements a HF DeepSeek-V3 FP8 checkpoint stores: {"weights", "scales"}.
+
+    weights: every variable of the main model and MTP (router bias included) plus, per MTP depth, its own copy of
+    embed_tokens and shared_head.head (DESIGN.md §5); scales: one per 128×128 block of every FP8 linear weight.
+    671B: 684,489,845,504 and 41,540,496.
+    """
+    leaves = model_leaves(config)
+    copies = sum(leaf.size for leaf in leaves if leaf.kind in ("embedding", "head") and not leaf.mtp)
+    return {"weights": sum(leaf.size for leaf in leaves) + config.num_nextn_predict_layers * copies,
+            "scales": sum(leaf.scale_count for leaf in leaves)}
+
+
+# ---------------------------------------------------------------- placement
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A layout and the sizes of its mesh axes (axis name → devices)."""
+
+    layout: Any  # sharding.Layout
+    mesh: dict[str, int]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.mesh.values())
+
+
+def _get_layout(name: str):
+    from sharding import ShardingError, get_layout
+
+    try:
+        return get_layout(name)
+    except ShardingError as e:
+        raise PlanError(f"layout: {e}") from None
+
+
+def default_layout(config: ModelConfig, chips: int):
+    """The placement used with --chips N and no layout: experts over gcd(N, E), the rest replicated, batch over N."""
+    from sharding import Layout
+
+    experts = math.gcd(chips, config.n_routed_experts) if config.n_routed_experts else 1
+    rules = dict(_get_layout("single").rules)
+    rules.update(expert="expert", act_batch=("data", "expert"))
+    return Layout(f"auto-ep{experts}", (("data", -1), ("expert", experts)), tuple(rules.items()))
+
+
+def resolve_mesh(layout, chips: int | None) -> dict[str, int]:
+    """Mesh axis sizes: -1 takes the devices the other axes leave (1 when chips is None)."""
+    sizes = dict(layout.mesh_axes)
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise PlanError(f"layout: {layout.name!r} has more than one -1 axis: {sizes}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if chips is None:
+        return {name: 1 if size == -1 else size for name, size in sizes.items()}
+    if chips % known or (not free and chips != known):
+        need = f"a multiple of {known}" if free else f"exactly {known}"
+        raise PlanError(f"chips: layout {layout.name!r} with axes {sizes} needs {need} chips, got {chips}")
+    return {name: chips // known if size == -1 else size for name, size in sizes.items()}
+
+
+def _mesh_axes_of(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@functools.lru_cache(maxsize=64)
+def _leaf_mesh_axes(config: ModelConfig, layout) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """Per leaf, per dimension, the mesh axes the layout shards it over (via sharding.to_mesh_spec)."""
+    from sharding import ShardingError, to_mesh_spec
+
+    out = []
+    for leaf in model_leaves(config):
+        try:
+            spec = to_mesh_spec(PartitionSpec(*leaf.axes), layout, leaf.path)
+        except ShardingError as e:
+            raise PlanError(f"layout: {e}") from None
+        out.append(tuple(_mesh_axes_of(entry) for entry in tuple(spec) + (None,) * (len(leaf.shape) - len(spec))))
+    return tuple(out)
+
+
+def _rule_factor(placement: Placement, logical: str) -> int:
+    """Devices a logical activation axis is split over under the layout's rules (1 = replicated)."""
+    rules = placement.layout.rules_dict
+    return math.prod(placement.mesh.get(name, 1) for name in _mesh_axes_of(rules.get(logical)))
+
+
+def shard_factors(config: ModelConfig, placement: Placement) -> tuple[int, ...]:
+    """Per leaf, the number of devices it is split over; raises PlanError when a mesh axis does not divide it."""
+    factors = []
+    for leaf, dims in zip(model_leaves(config), _leaf_mesh_axes(config, placement.layout), strict=True):
+        total = 1
+        for size, logical, names in zip(leaf.shape, leaf.axes, dims, strict=True):
+            missing = [n for n in names if n not in placement.mesh]
+            if missing:
+                raise PlanError(f"layout: {placement.layout.name!r} maps {logical!r} to unknown mesh axes {missing}")
+            k = math.prod(placement.mesh[n] for n in names)
+            field = _AXIS_FIELDS.get(str(logical), str(logical))
+            if logical in HEAD_AXES and config.num_attention_heads % k:
+                raise PlanError(f"num_attention_heads={config.num_attention_heads} is not divisible by mesh axes "
+                                f"{names} of size {k} (layout {placement.layout.name!r}, {leaf.path})")
+            if size % k:
+                raise PlanError(f"{field}={size} is not divisible by mesh axes {names} of size {k} "
+                                f"(layout {placement.layout.name!r}, {leaf.path})")
+            total *= k
+        factors.append(total)
+    return tuple(factors)
+
+
+# ---------------------------------------------------------------- KV cache, activations, FLOPs
+
+
+def _dtype_bytes(name: str) -> int:
+    return int(np.dtype(jax.numpy.dtype(name)).itemsize)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int | None = None) -> int:
+    """Latent MLA cache: (kv_lora_rank + qk_rope_head_dim) × layers × dtype bytes (compute dtype by default)."""
+    a = _dtype_bytes(config.dtype) if dtype_bytes is None else dtype_bytes
+    return (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * a
+
+
+def kv_naive_bytes_per_token(config: ModelConfig, dtype_bytes: int | None = None) -> int:
+    """A per-head cache of keys and values: H·(N + R + U) × layers × dtype bytes."""
+    a = _dtype_bytes(config.dtype) if dtype_bytes is None else dtype_bytes
+    per_layer = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    return per_layer * config.num_hidden_layers * a
+
+
+def _norm(width: int, a: int) -> int:
+    """Bytes per token an RMSNorm keeps for the backward pass: fp32 input, normalised and scaled tensors."""
+    return width * (2 * a + F32)
+
+
+def _attention_bytes_per_token(c: ModelConfig, a: int) -> int:
+    """Per-layer attention residuals per token, excluding the [H,S] score tensors (see module docstring)."""
+    q = _norm(c.q_lora_rank, a) if c.q_lora_rank else 0
+    heads = a * c.num_attention_heads * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + 2 * c.v_head_dim)
+    return 2 * _norm(c.hidden_size, a) + q + _norm(c.kv_lora_rank, a) + a * c.qk_rope_head_dim + heads
+
+
+def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl: str) -> int:
+    """Routed-expert dispatch buffers of one MoE layer on one device (balanced routing, `experts` local experts)."""
+    from dsv3_jax.moe import tile_size
+
+    d, f = c.hidden_size, c.moe_intermediate_size
+    pairs = tokens * c.num_experts_per_tok
+    if moe_impl == "ragged":
+        return pairs * (a * (d + 6 * f) + 2 * 4)
+    tile = tile_size(pairs, experts)
+    tiles = pairs // tile + min(experts, pairs)
+    return tiles * tile * (a * (d + 6 * f) + 4) + 3 * tiles * d * f * a + 3 * pairs * 4
+
+
+def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: str = "full", moe_impl: str = "ragged",
+                         batch_shards: int = 1, local_experts: int | None = None, vocab_shards: int = 1,
+                         weight_copy_bytes: int = 0, head_copy_bytes: int = 0) -> dict[str, int]:
+    """Training activation bytes per device by part (formula in the module docstring).
+
+    batch_shards: devices the batch is split over; local_experts: routed experts held per device (default all);
+    weight_copy_bytes: compute-dtype copies of the per-device layer weights (0 when computing in fp32);
+    head_copy_bytes: the same for lm_head (per head use) and eh_proj.
+    """
+    _check_choice("remat", remat, REMATS)
+    _check_choice("moe_impl", moe_impl, MOE_IMPLS)
+    c, a = config, _dtype_bytes(config.dtype)
+    n = math.ceil(batch / batch_shards) * seq
+    experts = c.n_routed_experts if local_experts is None else local_experts
+    d, h, v = c.hidden_size, c.num_attention_heads, math.ceil(c.vocab_size / vocab_shards)
+    scores = n * h * seq * (F32 + a)
+    attn = n * _attention_bytes_per_token(c, a)
+    dense_mlp = n * 6 * a * c.intermediate_size
+    router = n * (d * F32 + 3 * c.n_routed_experts * F32 + c.num_experts_per_tok * (3 * F32 + 4)
+                  + a * c.num_experts_per_tok * d + 6 * a * c.moe_intermediate_size * c.n_shared_experts)
+    dispatch = _dispatch_bytes(c, n, experts, a, moe_impl) if c.n_routed_experts else 0
+    depth = c.num_nextn_predict_layers
+    layers = c.num_hidden_layers + depth
+    per_layer_copy = weight_copy_bytes // max(layers, 1)
+    dense_layer = attn + scores + dense_mlp + per_layer_copy
+    moe_layer = attn + scores + router + dispatch + per_layer_copy
+    use_moe_mtp = c.n_routed_experts > 0
+    heads = n * (2 * v * F32 * (1 + depth) + _norm(d, a)) + head_copy_bytes
+    mtp_extra = depth * n * (a * d + 3 * _norm(d, a) + 3 * a * d)
+    stacks = (int(c.num_dense_layers > 0) + int(c.num_moe_layers > 0) + depth) * n * h * seq * (1 + F32)
+    out = {"heads": heads, "mtp_extra": mtp_extra}
+    if remat == "none":
+        out["layers"] = (c.num_dense_layers * dense_layer + c.num_moe_layers * moe_layer
+                         + depth * (moe_layer if use_moe_mtp else dense_layer))
+        out["masks"] = stacks
+        return out
+    out["layer_inputs"] = layers * n * a * d
+    working = []
+    if c.num_dense_layers or not use_moe_mtp:
+        working.append(dense_layer + 2 * scores + dense_mlp)
+    if c.num_moe_layers or (depth and use_moe_mtp):
+        working.append(moe_layer + 2 * scores + dispatch)
+    out["working_set"] = max(working)
+    return out
+
+
+def flops_per_token(config: ModelConfig, seq: int) -> dict[str, int]:
+    """FLOPs per token: {"forward", "train", "decode"} at sequence / context length `seq` (module docstring)."""
+    c = config
+    leaves = model_leaves(c)
+    embed = sum(leaf.size for leaf in leaves if leaf.kind == "embedding" and not leaf.mtp)
+    active = _param_counts(c)["active"] - embed
+    frac = c.num_experts_per_tok / c.n_routed_experts if c.n_routed_experts else 0.0
+    mtp_active = sum(leaf.size * (frac if leaf.routed else 1.0) for leaf in leaves if leaf.mtp)
+    head = sum(leaf.size for leaf in leaves if leaf.kind == "head" and not leaf.mtp)
+    h = c.num_attention_heads
+    attn = 2 * h * seq * (c.qk_head_dim + c.v_head_dim)
+    forward = 2 * active + c.num_hidden_layers * attn
+    mtp = c.num_nextn_predict_layers * (2 * (mtp_active + head) + attn)
+    decode = 2 * active + c.num_hidden_layers * 2 * h * seq * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    return {"forward": int(forward), "train": int(3 * (forward + mtp)), "decode": int(decode)}
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every figure the planner derives. Bytes unless the name says otherwise; *_per_device: one chip."""
+
+    config_name: str
+    mode: str
+    weights: str
+    batch: int
+    seq: int
+    chip: str
+    chips: int  # chips the per-device figures are for
+    layout: str
+    mesh: dict[str, int]
+    params_total: int
+    params_active: int
+    params_mtp: int
+    weight_elements: int  # main + MTP as held in memory (no duplicated embedding/head)
+    scale_elements: int  # FP8 block scales (0 unless weights == "fp8")
+    checkpoint_weight_elements: int  # HF checkpoint (MTP carries its own embedding/head copies)
+    checkpoint_scale_elements: int
+    weight_bytes: int  # all weights (main + MTP), values + scales
+    weight_bytes_by_dtype: dict[str, int]
+    kv_bytes_per_token: int  # latent MLA cache, all layers
+    kv_naive_bytes_per_token: int  # per-head K/V cache, for comparison
+    kv_cache_bytes: int  # batch × seq, whole deployment
+    flops_per_token_forward: int
+    flops_per_token_train: int
+    flops_per_token_decode: int
+    moment_dtype: str
+    remat: str
+    moe_impl: str
+    breakdown_per_device: dict[str, int]  # what the fit test adds up
+    activation_bytes_none: int | None  # training only, per device
+    activation_bytes_full: int | None
+    total_per_device: int
+    chip_memory_bytes: int
+    headroom: float
+    fits: bool
+    min_chips: int | None
+    native_fp8: bool
+    decode_tokens_per_s_bound: float | None
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    def _storage(self) -> str:
+        return f"weights {self.weights}" if self.mode == "infer" else "fp32 master weights"
+
+    def table(self) -> str:
+        """A two-column text table for the terminal (GB = 10⁹ bytes)."""
+        rows: list[tuple[str, str]] = [
+            ("config", f"{self.config_name} ({self.mode}, {self._storage()}, batch {self.batch} × seq {self.seq})"),
+            ("chip", f"{self.chip} ({_gb(self.chip_memory_bytes)}, native fp8 {'yes' if self.native_fp8 else 'no'})"),
+            ("placement", f"{self.chips} chips, layout {self.layout}, mesh {self.mesh}"),
+            ("parameters total / active / MTP",
+             f"{self.params_total:,} / {self.params_active:,} / {self.params_mtp:,}"),
+            ("weight / scale elements", f"{self.weight_elements:,} / {self.scale_elements:,}"),
+            ("checkpoint weight / scale elements",
+             f"{self.checkpoint_weight_elements:,} / {self.checkpoint_scale_elements:,}"),
+            ("weight bytes (all chips)", _gb(self.weight_bytes) + "  " + ", ".join(
+                f"{k} {_gb(v)}" for k, v in self.weight_bytes_by_dtype.items() if v)),
+            ("KV cache / token (latent; naive)",
+             f"{self.kv_bytes_per_token:,} B; {self.kv_naive_bytes_per_token:,} B"),
+            ("FLOPs / token fwd / train / decode", f"{self.flops_per_token_forward:.3e} / "
+             f"{self.flops_per_token_train:.3e} / {self.flops_per_token_decode:.3e}"),
+        ]
+        if self.mode == "infer":
+            rows.append(("KV cache batch × seq (all chips)", _gb(self.kv_cache_bytes)))
+        rows += [(f"  per device: {k}", _gb(v)) for k, v in self.breakdown_per_device.items()]
+        if self.activation_bytes_none is not None:
+            rows.append(("  activations remat none / full", f"{_gb(self.activation_bytes_none)} / "
+                         f"{_gb(self.activation_bytes_full or 0)}"))
+        rows += [
+            ("per device total", f"{_gb(self.total_per_device)} of {_gb(self.chip_memory_bytes)} "
+             f"(headroom {self.headroom:.0%}): {'fits' if self.fits else 'does NOT fit'}"),
+            ("minimum chips", "none up to the search limit" if self.min_chips is None else f"{self.min_chips}"),
+        ]
+        if self.decode_tokens_per_s_bound is not None:
+            rows.append(("decode tokens/s bound (HBM)", f"{self.decode_tokens_per_s_bound:,.0f}"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:,.2f} GB"
+
+
+def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise PlanError(f"{field}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive(field: str, value: Any) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise PlanError(f"{field}: must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    mode: str
+    weights: str
+    batch: int
+    seq: int
+    moment_dtype: str
+    remat: str
+    moe_impl: str
+    mtp: bool
+
+
+def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> tuple[dict[str, int], dict[str, int]]:
+    """(breakdown counted against the chip, extra figures) for one device under a placement."""
+    leaves = model_leaves(config)
+    factors = shard_factors(config, placement)
+    kept = [(leaf, k) for leaf, k in zip(leaves, factors, strict=True) if s.mtp or not leaf.mtp]
+    batch_shards = _rule_factor(placement, "act_batch")
+    b_local = math.ceil(s.batch / batch_shards)
+    a = _dtype_bytes(config.dtype)
+    extra: dict[str, int] = {}
+    if s.mode == "infer":
+        values = sum(math.ceil(leaf.size / k) * _value_bytes(leaf, s.weights) for leaf, k in kept)
+        scales = sum(math.ceil(leaf.scale_count / k) * F32 for leaf, k in kept) if s.weights == "fp8" else 0
+        cache = b_local * s.seq * kv_bytes_per_token(config)
+        vocab = math.ceil(config.vocab_size / _rule_factor(placement, "vocab"))
+        working = b_local * (config.num_attention_heads * s.seq * (F32 + a) + 2 * vocab * F32
+                             + 16 * a * config.hidden_size)
+        out = {"weights": values, "fp8_scales": scales, "kv_cache": cache, "decode_working_set": working}
+        return {k: v for k, v in out.items() if v or k != "fp8_scales"}, extra
+    params = [(leaf, k) for leaf, k in kept if leaf.collection == "params"]
+    master = sum(math.ceil(leaf.size / k) for leaf, k in params)
+    router = sum(math.ceil(leaf.size / k) for leaf, k in kept if leaf.collection != "params")
+    local_experts = math.ceil(config.n_routed_experts / _rule_factor(placement, "expert"))
+    copies = head_copies = 0
+    if a != F32:  # the matmuls cast the fp32 masters to the compute dtype; autodiff keeps the copies
+        layer_kinds = ("linear",)
+        copies = sum(math.ceil(leaf.size / k) * a for leaf, k in params if leaf.kind in layer_kinds
+                     and (s.moe_impl == "ragged" or not leaf.routed))
+        heads = 1 + (config.num_nextn_predict_layers if s.mtp else 0)
+        head_copies = sum(math.ceil(leaf.size / k) * a * (heads if leaf.kind == "head" else 1)
+                          for leaf, k in params if leaf.kind in ("head", "mtp_proj"))
+    cfg = config if s.mtp else config.replace(num_nextn_predict_layers=0)
+    acts = {remat: sum(activation_breakdown(
+        cfg, s.batch, s.seq, remat=remat, moe_impl=s.moe_impl, batch_shards=batch_shards,
+        local_experts=local_experts, vocab_shards=_rule_factor(placement, "vocab"),
+        weight_copy_bytes=copies, head_copy_bytes=head_copies).values()) for remat in REMATS}
+    extra.update(activation_bytes_none=acts["none"], activation_bytes_full=acts["full"])
+    out = {"params_fp32": master * F32 + router * F32, "grads_fp32": master * F32,
+           "adam_m": master * _dtype_bytes(s.moment_dtype), "adam_v": master * F32,
+           "activations": acts[s.remat]}
+    return out, extra
+
+
+def _fits(total: int, chip: Chip, headroom: float) -> bool:
+    return total <= chip.memory_bytes * (1.0 - headroom)
+
+
+def _candidate_placements(config: ModelConfig, layout_name: str | None, batch: int):
+    """Placements in increasing chip count for the minimum-chips search.
+
+    Default placement: per-device memory is smallest once the experts are fully spread (E | chips) and every
+    device holds at most one sequence, so the search stops at the first multiple of E that is >= batch.
+    """
+    if layout_name is None:
+        for chips in range(1, _default_search_limit(config, batch) + 1):
+            layout = default_layout(config, chips)
+            yield Placement(layout, resolve_mesh(layout, chips))
+        return
+    layout = _get_layout(layout_name)
+    sizes = dict(layout.mesh_axes)
+    known = math.prod(size for size in sizes.values() if size != -1)
+    free = [name for name, size in sizes.items() if size == -1]
+    if not free:
+        yield Placement(layout, resolve_mesh(layout, known))
+        return
+    for multiple in range(1, _free_axis_limit(config, layout, free[0], batch) + 1):
+        if known * multiple > MAX_SEARCH_CHIPS:
+            return
+        yield Placement(layout, resolve_mesh(layout, known * multiple))
+
+
+def _free_axis_limit(config: ModelConfig, layout, axis: str, batch: int) -> int:
+    """Past this size of the -1 axis nothing more is split over it (largest dimension it shards, or the batch)."""
+    rules = layout.rules_dict
+    useful = batch if axis in _mesh_axes_of(rules.get("act_batch")) else 1
+    for leaf, dims in zip(model_leaves(config), _leaf_mesh_axes(config, layout), strict=True):
+        useful = max([useful] + [size for size, names in zip(leaf.shape, dims, strict=True) if axis in names])
+    return useful
+
+
+def _default_search_limit(config: ModelConfig, batch: int) -> int:
+    experts = max(config.n_routed_experts, 1)
+    return min(MAX_SEARCH_CHIPS, experts * math.ceil(batch / experts))
+
+
+def min_chips(config: ModelConfig, chip: Chip, settings: _Settings, layout_name: str | None = None,
+              headroom: float = 0.1) -> int | None:
+    """Fewest chips of `chip` whose per-device memory fits (1 − headroom) of HBM; None if none up to the limit.
+
+    Placements that do not divide the model (e.g. experts over a mesh axis that does not divide them) are skipped.
+    """
+    for placement in _candidate_placements(config, layout_name, settings.batch):
+        try:
+            breakdown, _ = _device_memory(config, placement, settings)
+        except PlanError:
+            continue
+        if _fits(sum(breakdown.values()), chip, headroom):
+            return placement.chips
+    return None
+
+
+def _decode_bound(config: ModelConfig, placement: Placement, s: _Settings, chip: Chip) -> float:
+    """Upper bound on decode tokens/s: batch / (bytes each device reads per step / HBM bandwidth)."""
+    leaves = model_leaves(config)
+    factors = shard_factors(config, placement)
+    x, e = config.num_experts_per_tok, config.n_routed_experts
+    touched = 1.0 - (1.0 - x / e) ** s.batch if e else 1.0
+    read = 0.0
+    for leaf, k in zip(leaves, factors, strict=True):
+        if leaf.mtp or leaf.kind == "embedding":
+            continue
+        nbytes = math.ceil(leaf.size / k) * _value_bytes(leaf, s.weights)
+        if s.weights == "fp8":
+            nbytes += math.ceil(leaf.scale_count / k) * F32
+        read += nbytes * (touched if leaf.routed else 1.0)
+    b_local = math.ceil(s.batch / _rule_factor(placement, "act_batch"))
+    read += b_local * s.seq * kv_bytes_per_token(config)
+    return s.batch * chip.bandwidth / read
+
+
+def plan(config: ModelConfig, weights: str = "fp8", mode: str = "infer", batch: int = 1, seq: int = 4096,
+         layout: str | None = None, chips: int | None = None, chip: str = "h100-80g", *, headroom: float = 0.1,
+         moment_dtype: str = "bfloat16", remat: str = "full", moe_impl: str | None = None, mtp: bool = True,
+         config_name: str | None = None) -> Plan:
+    """Plan memory, FLOPs and chips for `config` (see the module docstring for every formula).
+
+    weights: storage for inference ("fp8" | "bf16" | "fp32"; training always keeps fp32 masters); mode: "infer" |
+    "train"; batch × seq: sequences × tokens (inference: context length of the KV cache); layout: a name from
+    sharding.LAYOUTS (None: the default expert-parallel placement); chips: mesh size (None: the minimum that fits);
+    chip: a key of chips.CHIPS; headroom: HBM fraction kept free; remat: "none" | "full" for the training total;
+    moe_impl: "ragged" (GPU/TPU) | "blocks" (CPU) dispatch buffers (None: the config's, "auto" → ragged);
+    mtp: include the MTP module's weights (and in training its activations).
+    """
+    if not isinstance(config, ModelConfig):
+        raise PlanError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    _check_choice("weights", weights, WEIGHT_MODES)
+    _check_choice("mode", mode, MODES)
+    _check_choice("chip", chip, tuple(CHIPS))
+    _check_choice("remat", remat, REMATS)
+    _check_choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+    _check_positive("batch", batch)
+    _check_positive("seq", seq)
+    if chips is not None:
+        _check_positive("chips", chips)
+    if not 0.0 <= headroom < 1.0:
+        raise PlanError(f"headroom: must be in [0, 1), got {headroom!r}")
+    if seq > config.max_position_embeddings:
+        raise PlanError(f"seq: {seq} exceeds the config's max_position_embeddings={config.max_position_embeddings}")
+    impl = moe_impl or (config.moe_impl if config.moe_impl in MOE_IMPLS else "ragged")
+    _check_choice("moe_impl", impl, MOE_IMPLS)
+    hw = CHIPS[chip]
+    settings = _Settings(mode, weights, batch, seq, moment_dtype, remat, impl, mtp)
+    notes: list[str] = []
+
+    fewest = min_chips(config, hw, settings, layout, headroom)
+    size = chips if chips is not None else fewest  # the chip count the per-device figures are for
+    if layout is not None:
+        lay = _get_layout(layout)
+    else:
+        size = size or _default_search_limit(config, batch)
+        lay = default_layout(config, size)
+    if chips is None and fewest is None:
+        notes.append(f"nothing fits up to the search limit: per-device figures for {size or 'the smallest'} mesh")
+    placement = Placement(lay, resolve_mesh(lay, size))
+    breakdown, extra = _device_memory(config, placement, settings)  # raises PlanError if the mesh does not divide
+    total = sum(breakdown.values())
+
+    counts = _param_counts(config)
+    leaves = [leaf for leaf in model_leaves(config) if mtp or not leaf.mtp]
+    by_dtype = weight_bytes_by_dtype(config, weights, mtp=mtp)
+    ckpt = checkpoint_element_counts(config)
+    flops = flops_per_token(config, seq)
+    batch_shards = _rule_factor(placement, "act_batch")
+    if batch % batch_shards:
+        notes.append(f"batch {batch} is not a multiple of the {batch_shards} devices it is split over: "
+                     f"figures are for the fullest device ({math.ceil(batch / batch_shards)} sequence(s))")
+    if mode == "train":
+        notes.append("training keeps fp32 master weights whatever --weights says; AdamW second moment in fp32")
+        if _rule_factor(placement, "expert") > 1:
+            notes.append("dispatch buffers assume balanced routing (each device receives its share of the "
+                         "token-expert pairs); a worst-case-sized all-to-all buffer is expert-axis times larger")
+    else:
+        notes.append("KV cache: main-model layers only (an MTP drafter adds one layer's worth)")
+    if weights == "fp8" and not hw.native_fp8 and mode == "infer":
+        notes.append(f"{chip} has no FP8 units: FP8 weights are stored as FP8 and dequantised per matmul")
+    return Plan(
+        config_name=config_name or _preset_name(config), mode=mode, weights=weights, batch=batch, seq=seq, chip=chip,
+        chips=placement.chips,
+        layout=placement.layout.name, mesh=dict(placement.mesh),
+        params_total=counts["total"], params_active=counts["active"], params_mtp=counts["mtp"],
+        weight_elements=sum(leaf.size for leaf in leaves),
+        scale_elements=sum(leaf.scale_count for leaf in leaves) if weights == "fp8" else 0,
+        checkpoint_weight_elements=ckpt["weights"], checkpoint_scale_elements=ckpt["scales"],
+        weight_bytes=sum(by_dtype.values()), weight_bytes_by_dtype=by_dtype,
+        kv_bytes_per_token=kv_bytes_per_token(config), kv_naive_bytes_per_token=kv_naive_bytes_per_token(config),
+        kv_cache_bytes=batch * seq * kv_bytes_per_token(config),
+        flops_per_token_forward=flops["forward"], flops_per_token_train=flops["train"],
+        flops_per_token_decode=flops["decode"], moment_dtype=moment_dtype, remat=remat, moe_impl=impl,
+        breakdown_per_device=breakdown, activation_bytes_none=extra.get("activation_bytes_none"),
+        activation_bytes_full=extra.get("activation_bytes_full"), total_per_device=total,
+        chip_memory_bytes=hw.memory_bytes, headroom=headroom, fits=_fits(total, hw, headroom), min_chips=fewest,
+        native_fp8=hw.native_fp8,
+        decode_tokens_per_s_bound=_decode_bound(config, placement, settings, hw) if mode == "infer" else None,
+        notes=notes,
+    )
+
+
+def _preset_name(config: ModelConfig) -> str:
+    for name, preset in PRESETS.items():
+        if preset == config:
+            return name
+    return "custom"
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def save_png(p: Plan, path: str) -> None:
+    """Stacked bar of the per-device memory breakdown against the chip's HBM (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    bottom = 0.0
+    for name, value in p.breakdown_per_device.items():
+        ax.bar([0], [value / 1e9], bottom=[bottom], label=name)
+        bottom += value / 1e9
+    ax.axhline(p.chip_memory_bytes / 1e9, color="black", linestyle="--", label=f"{p.chip} HBM")
+    ax.axhline(p.chip_memory_bytes * (1 - p.headroom) / 1e9, color="grey", linestyle=":", label="usable")
+    ax.set_xticks([0], [f"{p.chips} × {p.chip}\n{p.layout}"])
+    ax.set_ylabel("GB per device")
+    ax.set_title(f"{p.config_name} {p.mode} ({p._storage()}), B{p.batch}×T{p.seq}", fontsize=10)
+    ax.set_xlim(-0.8, 0.8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+README_TABLE_PATH = os.path.join("experiments", "results", "plan_671b.md")
+
+
+def readme_table(batch: int = 32, seq: int = 4096, train_chips: int = 2048, train_batch: int = 2048) -> str:
+    """Markdown tables for the 671B preset: inference minimum chips and decode bound per chip kind (FP8, BF16), and
+    training memory per chip on layout "train-ep64" (generated by `python -m dsv3_jax.planner --readme-table`)."""
+    config = ModelConfig.from_preset("deepseek-v3-671b")
+    lines = [
+        "# DeepSeek-V3 671B: resource plan",
+        "",
+        "Generated by `python -m dsv3_jax.planner --readme-table` (dsv3_jax/planner.py; formulas in its docstring).",
+        "GB = 10⁹ bytes. Headroom 10% of HBM. MTP module weights included.",
+        "",
+        f"## Inference: batch {batch} × {seq} context",
+        "",
+        "Default placement: routed experts over gcd(chips, 256) devices, other weights replicated, batch (attention,",
+        "latent KV cache) split over all chips. Decode bound = batch · HBM bandwidth / bytes each chip reads per step",
+        "(its non-embedding weights, routed experts in the expected touched fraction, its KV cache). A100 and TPUs",
+        "have no FP8 units: FP8 rows there store FP8 and dequantise per matmul. tpu-v6e bf16: the replicated",
+        "non-expert weights alone exceed 90% of 32 GB, and no layout in sharding/rules.py shards the experts more",
+        "than 16 ways on TPU.",
+        "",
+        "| chip | weights | min chips | per-chip memory | weights / chip | KV cache / chip | decode tok/s bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for chip in CHIPS:
+        for weights in ("fp8", "bf16"):
+            p = plan(config, weights=weights, mode="infer", batch=batch, seq=seq, chip=chip)
+            if p.min_chips is None:
+                lines.append(f"| {chip} | {weights} | does not fit | | | | |")
+                continue
+            b = p.breakdown_per_device
+            lines.append(f"| {chip} | {weights} | {p.min_chips} | {_gb(p.total_per_device)} | "
+                         f"{_gb(b['weights'] + b.get('fp8_scales', 0))} | {_gb(b['kv_cache'])} | "
+                         f"{p.decode_tokens_per_s_bound:,.0f} |")
+    lines += [
+        "",
+        f"## Training: layout train-ep64 on {train_chips} chips, batch {train_batch} × {seq}",
+        "",
+        f"Mesh data={train_chips // 64} × expert=64: experts and dense weights (FSDP on the embed axis) over the",
+        "64-way expert axis, replicated over data; batch over all chips. fp32 master weights and gradients, AdamW",
+        "first moment bf16, second moment fp32. The report also used 16-way pipeline parallelism (and ZeRO-1), which",
+        "this layout omits, so these per-chip figures are far above the report's.",
+        "",
+        "| remat | params | grads | Adam m+v | activations | total / chip | fits H800 80 GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for remat in REMATS:
+        p = plan(config, mode="train", batch=train_batch, seq=seq, layout="train-ep64", chips=train_chips,
+                 chip="h800-80g", remat=remat)
+        b = p.breakdown_per_device
+        lines.append(f"| {remat} | {_gb(b['params_fp32'])} | {_gb(b['grads_fp32'])} | "
+                     f"{_gb(b['adam_m'] + b['adam_v'])} | {_gb(b['activations'])} | {_gb(p.total_per_device)} | "
+                     f"{'yes' if p.fits else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def load_config(spec: str) -> tuple[ModelConfig, str]:
+    """(config, name) from a preset name, a HF config.json, or a checkpoint directory holding one."""
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec), spec
+    if os.path.exists(spec):
+        try:
+            return ModelConfig.from_hf_config(spec), os.path.basename(os.path.normpath(spec))
+        except ConfigError as e:
+            raise PlanError(f"config: {e}") from None
+    raise PlanError(f"config: {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config path")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    """The `plan` options (shared by `dsv3 plan` and `python -m dsv3_jax.planner`)."""
+    parser.add_argument("config", nargs=None if config_required else "?", default="deepseek-v3-671b",
+                        help="preset name, HF config.json, or checkpoint directory")
+    parser.add_argument("--weights", choices=WEIGHT_MODES, default="fp8")
+    parser.add_argument("--mode", choices=MODES, default="infer")
+    parser.add_argument("--batch", type=int, default=1, help="sequences")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per sequence (inference: context length)")
+    parser.add_argument("--mesh", default=None, metavar="LAYOUT", help="a layout from sharding/rules.py")
+    parser.add_argument("--chips", type=int, default=None, help="mesh size (default: the minimum that fits)")
+    parser.add_argument("--chip", choices=tuple(CHIPS), default="h100-80g")
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of HBM kept free")
+    parser.add_argument("--remat", choices=REMATS, default="full", help="training: activation checkpointing")
+    parser.add_argument("--moment-dtype", choices=MOMENT_DTYPES, default="bfloat16", help="AdamW first moment")
+    parser.add_argument("--moe-impl", choices=MOE_IMPLS, default=None, help="dispatch buffers to plan for")
+    parser.add_argument("--no-mtp", action="store_true", help="leave the MTP module out")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--png", default=None, metavar="PATH", help="stacked bar of the per-device memory")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Run the planner from parsed arguments; prints a table (or JSON), optionally writes a PNG."""
+    try:
+        config, name = load_config(args.config)
+        p = plan(config, weights=args.weights, mode=args.mode, batch=args.batch, seq=args.seq, layout=args.mesh,
+                 chips=args.chips, chip=args.chip, headroom=args.headroom, moment_dtype=args.moment_dtype,
+                 remat=args.remat, moe_impl=args.moe_impl, mtp=not args.no_mtp, config_name=name)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.table())
+    if args.png:
+        save_png(p, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `plan` subcommand to a `dsv3` subparsers object."""
+    parser = subparsers.add_parser("plan", help="memory, FLOPs and chip count for a config on a layout")
+    add_arguments(parser)
+    parser.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsv3_jax.planner CONFIG [options]`, or `--readme-table [PATH]` to write the 671B tables."""
+    parser = argparse.ArgumentParser(prog="python -m dsv3_jax.planner", description=__doc__.split("\n")[0])
+    add_arguments(parser, config_required=False)
+    parser.add_argument("--readme-table", nargs="?", const=README_TABLE_PATH, default=None, metavar="PATH",
+                        help=f"write the 671B markdown tables (default {README_TABLE_PATH})")
+    args = parser.parse_args(argv)
+    if args.readme_table:
+        text = readme_table()
+        os.makedirs(os.path.dirname(os.path.abspath(args.readme_table)), exist_ok=True)
+        with open(args.readme_table, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(text)
+        return 0
+    return cmd_plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
