@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -74,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dsv3_jax.trainer import train
 
     rc = load_run_config(args.config, steps=args.steps)
+    if args.mesh:
+        rc = dataclasses.replace(rc, run=dataclasses.replace(rc.run, mesh=args.mesh))
     out_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     result = train(rc, out_dir)
     rc, tokenizer = result["config"], result["tokenizer"]
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="run file, e.g. experiments/configs/tiny_stdlib.toml")
     train.add_argument("--steps", type=int, default=None, help="override [train] steps")
     train.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    train.add_argument("--mesh", default=None, help="sharding layout name (sharding/rules.py), e.g. cpu-8")
     train.set_defaults(func=cmd_train)
     gen = sub.add_parser("generate", help="generate from a run directory or HF checkpoint")
     gen.add_argument("--checkpoint", required=True)

@@ -28,6 +28,7 @@ class RunSettings:
     sample_prompt: str = "def "
     sample_tokens: int = 120
     sample_temperature: float = 0.8
+    mesh: str | None = None  # a layout name from sharding/rules.py (None: one device)
 
 
 @dataclasses.dataclass(frozen=True)

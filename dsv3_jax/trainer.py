@@ -147,16 +147,18 @@ def train(rc: RunConfig, out_dir: str, *, log=print) -> dict:
     optimizer = make_optimizer(rc.train)
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, rc.train.seed), optimizer))
     manager = _manager(out_dir, rc)
-    state, meta = _restore(manager, abstract, rc, out_dir)
+    step_fn, shardings = _step_function(rc, optimizer, abstract)
+    state, meta = _restore(manager, abstract if shardings is None else _with_shardings(abstract, shardings), rc,
+                           out_dir)
     start = 0 if meta is None else int(meta["step"])
     if state is None:
         state = init_state(init_variables(rc.model, rc.train.seed), optimizer)
+        state = state if shardings is None else jax.device_put(state, shardings)
     else:
         batches.restore(meta["data_state"])
         log(f"resumed from step {start} in {out_dir}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start)
-    step_fn = jit_train_step(make_train_step(rc.model, rc.train, optimizer))
     logger = _Logger(metrics_path, Progress(rc.train.steps - start, "train", "step", rc.run.log_every),
                      rc.train.batch_size * rc.train.seq_len)
     try:
@@ -165,6 +167,21 @@ def train(rc: RunConfig, out_dir: str, *, log=print) -> dict:
         manager.wait_until_finished()
         logger.close()
     return {"state": state, "config": rc, "tokenizer": tokenizer, "final_loss": logger.last_loss}
+
+
+def _step_function(rc: RunConfig, optimizer, abstract):
+    """(step, state shardings or None): single-device jit, or the sharded step under rc.run.mesh."""
+    if rc.run.mesh is None:
+        return jit_train_step(make_train_step(rc.model, rc.train, optimizer)), None
+    from sharding import get_layout, make_mesh
+    from sharding.api import make_sharded_train_step
+
+    layout = get_layout(rc.run.mesh)
+    return make_sharded_train_step(rc.model, rc.train, optimizer, abstract, layout, make_mesh(layout))
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, start: int):

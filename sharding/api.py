@@ -131,3 +131,27 @@ def make_sharded_train_step(config: ModelConfig, train_config, optimizer, abstra
             return jitted(state, batch)
 
     return step, st_sh
+
+
+def generate(config: ModelConfig, variables, prompt_ids, max_new_tokens: int, layout: Layout, mesh: Mesh, **kwargs):
+    """`dsv3_jax.generate` with variables sharded under `layout` (attention heads, experts, vocab as the rules say).
+
+    Decoding batches are small, so the MoE runs with GSPMD collectives rather than the all-to-all dispatch.
+    """
+    from dsv3_jax.generate import generate as generate_local
+
+    check_divisible(config, layout, mesh)
+    variables = shard_variables(config, variables, layout, mesh)
+    rules = [(k, v) for k, v in layout.rules if k != "act_batch"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return generate_local(config, variables, prompt_ids, max_new_tokens, **kwargs)
+
+
+def memory_report(variables) -> dict[str, int]:
+    """Bytes of placed variables held by each device (addressable shards), keyed by device id."""
+    per_device: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(variables):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            per_device[key] = per_device.get(key, 0) + shard.data.nbytes
+    return per_device
