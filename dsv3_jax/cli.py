@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 
+SUBCOMMAND_MODULES = ("dsv3_jax.planner",)  # modules exposing register(subparsers)
 DEMO_TEXT = "DeepSeek-V3 routes every token to 8 of 256 experts and caches a 576-value latent per token."
 
 
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--speculative", action="store_true", help="MTP drafts, main model verifies (greedy)")
     gen.set_defaults(func=cmd_generate)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
