@@ -55,7 +55,7 @@ def permute_rows(x_RD: jax.Array, index_S: jax.Array, inverse_R: jax.Array) -> j
 
 
 def _take_rows(x_RD: jax.Array, index_S: jax.Array) -> jax.Array:
-    return jnp.concatenate([x_RD, jnp.zeros((1, *x_RD.shape[1:]), x_RD.dtype)])[index_S]
+    return jnp.take(x_RD, index_S, axis=0, mode="fill", fill_value=0)
 
 
 def _permute_fwd(x_RD, index_S, inverse_R):
