@@ -70,7 +70,10 @@ class MLA(nn.Module):
             qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
             kpe_BSR = apply_rotary(kpe_BSR, cos, sin)
         with jax.named_scope("mla_attend"):
-            out_BTHU = attend(qnope_BTHN, qpe_BTHR, knope_BSHN, kpe_BSR, v_BSHU, mask_BTS, softmax_scale(c))
+            q_BTHK = jnp.concatenate([qnope_BTHN, qpe_BTHR], axis=-1)
+            k_BSHK = jnp.concatenate([knope_BSHN, jnp.broadcast_to(kpe_BSR[:, :, None], (b, t, h, kpe_BSR.shape[-1]))],
+                                     axis=-1)
+            out_BTHU = attend(q_BTHK, k_BSHK, v_BSHU, mask_BTS, softmax_scale(c))
         return self._output(out_BTHU, wo)
 
     def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
@@ -96,7 +99,9 @@ class MLA(nn.Module):
         wkv_CHZ = as_dense(wkv_b, x_BTD.dtype).reshape(c.kv_lora_rank, h, n + u)
         with jax.named_scope("mla_absorbed"):
             qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHZ[..., :n])
-            olat_BTHC = attend(qlat_BTHC, qpe_BTHR, ckv_BSC, kpe_BSR, ckv_BSC, mask_BTS, softmax_scale(c))
+            q_BTHK = jnp.concatenate([qlat_BTHC, qpe_BTHR.astype(qlat_BTHC.dtype)], axis=-1)
+            k_BSK = jnp.concatenate([ckv_BSC, kpe_BSR], axis=-1)  # one latent "head" shared by every query head
+            olat_BTHC = attend(q_BTHK, k_BSK, ckv_BSC, mask_BTS, softmax_scale(c))
             out_BTHU = einsum("bthc,chu->bthu", olat_BTHC, wkv_CHZ[..., n:])
         return self._output(out_BTHU, wo)
 
@@ -110,17 +115,17 @@ class MLA(nn.Module):
         return ckv.value, kpe.value
 
 
-def attend(qnope_BTHN: jax.Array, qpe_BTHR: jax.Array, knope_BSHN: jax.Array, kpe_BSR: jax.Array,
-           v_BSHU: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
-    """softmax(scale · (q_nope·k_nope + q_pe·k_pe) masked) · v, scores and softmax in float32 → [B,T,H,U].
+def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """softmax(scale · q·k masked) · v with float32 scores and softmax → [B,T,H,U].
 
-    Keys/values given without a head axis ([B,S,N], [B,S,U]) are shared by every query head (absorbed path).
+    q concatenates the no-rope and rotary parts ([q_nope; q_pe], or [q_latent; q_pe] on the absorbed path) so one
+    contraction gives q_nope·k_nope + q_pe·k_pe. Keys/values without a head axis ([B,S,K], [B,S,U]) are shared
+    by every query head (the absorbed path).
     """
-    k_eq = "bsn" if knope_BSHN.ndim == 3 else "bshn"
-    scores_BHTS = jnp.einsum(f"bthn,{k_eq}->bhts", qnope_BTHN, knope_BSHN, preferred_element_type=jnp.float32)
-    scores_BHTS += jnp.einsum("bthr,bsr->bhts", qpe_BTHR, kpe_BSR, preferred_element_type=jnp.float32)
+    k_eq = "bsk" if k_BSHK.ndim == 3 else "bshk"
+    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
+    scores_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHU.dtype)
-    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
     return jnp.einsum(f"bhts,{v_eq}->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
         v_BSHU.dtype)

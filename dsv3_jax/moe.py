@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv3_jax import parallel
 from dsv3_jax.config import ModelConfig
@@ -119,11 +120,26 @@ def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_
     xs_MD, order_M, inverse_M, expert_M, sizes_E = _sort_pairs(x_ND, experts_NX, e)
     dest_M, src_P, tile_expert_Z = _tile_layout(expert_M, sizes_E, tile, num_tiles)
     x_ZtD = permute_rows(xs_MD, src_P, dest_M).reshape(num_tiles, tile, -1)
-    gate = einsum("ztd,zdf->ztf", x_ZtD, w_gate_EDF[tile_expert_Z], policy=policy)
-    up = einsum("ztd,zdf->ztf", x_ZtD, w_up_EDF[tile_expert_Z], policy=policy)
-    h_ZtF = jax.nn.silu(gate) * up
-    y_PD = einsum("ztf,zfd->ztd", h_ZtF, w_down_EFD[tile_expert_Z], policy=policy).reshape(num_tiles * tile, -1)
+    y_PD = _tile_ffn(x_ZtD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy).reshape(num_tiles * tile, -1)
     return _unsort_combine(permute_rows(y_PD, dest_M, src_P), order_M, inverse_M, weights_NX)
+
+
+TILE_CHUNK_BYTES = 2 << 20  # expert weights gathered per chunk of tiles: small enough to stay in cache
+
+
+def _tile_ffn(x_ZtD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy) -> jax.Array:
+    """SwiGLU of each tile with its expert's weights, a chunk of tiles at a time (lax.map): the weights a chunk
+    gathers stay small instead of one copy per tile of the whole layer's experts."""
+    per_tile = sum(int(np.prod(w.shape[1:])) * 4 for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    chunk = int(max(1, min(x_ZtD.shape[0], TILE_CHUNK_BYTES // per_tile)))
+
+    def one(args):
+        x_tD, e = args
+        gate = einsum("td,df->tf", x_tD, w_gate_EDF[e], policy=policy)
+        up = einsum("td,df->tf", x_tD, w_up_EDF[e], policy=policy)
+        return einsum("tf,fd->td", jax.nn.silu(gate) * up, w_down_EFD[e], policy=policy)
+
+    return jax.lax.map(one, (x_ZtD, tile_expert_Z), batch_size=chunk)
 
 
 def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
