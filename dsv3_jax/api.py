@@ -49,7 +49,12 @@ def init_variables(config: ModelConfig, rng: jax.Array | int = 0) -> Variables:
 
 
 def abstract_variables(config: ModelConfig) -> Variables:
-    """ShapeDtypeStruct tree of every variable; allocates nothing."""
+    """ShapeDtypeStruct tree of every variable; allocates nothing. Traced once per config."""
+    return jax.tree_util.tree_map(lambda x: x, _abstract_variables(config))  # a fresh container per call
+
+
+@functools.cache
+def _abstract_variables(config: ModelConfig) -> Variables:
     return nn.unbox(jax.eval_shape(_init_fn(config), jax.random.key(0)))
 
 
