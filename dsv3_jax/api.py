@@ -55,7 +55,8 @@ def abstract_variables(config: ModelConfig) -> Variables:
 
 @functools.cache
 def _abstract_variables(config: ModelConfig) -> Variables:
-    return nn.unbox(jax.eval_shape(_init_fn(config), jax.random.key(0)))
+    init = _init_fn(config)
+    return jax.eval_shape(lambda rng: nn.unbox(init(rng)), jax.random.key(0))  # unboxed inside: no mesh needed
 
 
 def logical_axes(config: ModelConfig) -> Variables:

@@ -66,7 +66,9 @@ def _pad_last2(x: jax.Array, block: int) -> jax.Array:
 
 
 def _round_pow2(scale: jax.Array) -> jax.Array:
-    return jnp.exp2(jnp.ceil(jnp.log2(scale)))
+    """Smallest power of two >= scale, built exactly from the exponent (exp2(ceil(log2)) is off by ulps on CPU)."""
+    mantissa, exponent = jnp.frexp(scale)  # scale = mantissa · 2^exponent, mantissa in [0.5, 1)
+    return jnp.ldexp(jnp.ones_like(scale), jnp.where(mantissa == 0.5, exponent - 1, exponent))
 
 
 def quantize_weight(w: jax.Array, *, pow2_scales: bool = False, block: int = BLOCK) -> QuantArray:

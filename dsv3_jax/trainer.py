@@ -45,9 +45,13 @@ def build_data(rc: RunConfig, out_dir: str):
     return tokenizer, batches
 
 
+VOCAB_MULTIPLE = 64  # padded vocabulary: divisible by any mesh axis the vocab is sharded over
+
+
 def model_config_for(rc: RunConfig, vocab_size: int) -> ModelConfig:
-    """The run's model with its vocabulary sized to the tokenizer."""
-    return rc.model.replace(vocab_size=vocab_size)
+    """The run's model with its vocabulary sized to the tokenizer, rounded up to a multiple of 64 (the extra
+    ids never occur in the data)."""
+    return rc.model.replace(vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
 
 
 def _manager(out_dir: str, rc: RunConfig) -> ocp.CheckpointManager:

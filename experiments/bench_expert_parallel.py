@@ -25,15 +25,15 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.moe import MoE  # noqa: E402
-from sharding import get_layout, make_mesh, param_shardings  # noqa: E402
-from sharding import api as sa  # noqa: E402
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.moe import MoE
+from sharding import api as sa
+from sharding import get_layout, make_mesh, param_shardings
 
 LAYOUTS = ("data", "cpu-8-ep", "cpu-8")
 

@@ -31,17 +31,19 @@ if __name__ == "__main__":  # before jax is imported: the devices this process s
     _procs = int(os.environ.get("DSV3_NUM_PROCESSES", "1"))
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={max(8 // _procs, 1)}")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.train_step import TrainConfig, init_state, make_optimizer  # noqa: E402
-from sharding import get_layout, make_mesh  # noqa: E402
-from sharding import api as sa  # noqa: E402
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.train_step import TrainConfig, init_state, make_optimizer
+from sharding import api as sa
+from sharding import get_layout, make_mesh
 
-# The tiny preset cut to one dense + one MoE layer (+ MTP), init std 0.05 so the router's choices are not all bias.
-CONFIG = ModelConfig.from_preset("tiny", init_std=0.05, num_hidden_layers=2, first_k_dense_replace=1)
+# The tiny preset cut to one dense + one MoE layer and no MTP block (compile time on 2 shared cores; --mtp adds it),
+# init std 0.05 so the router's choices are not all bias.
+CONFIG = ModelConfig.from_preset("tiny", init_std=0.05, num_hidden_layers=2, first_k_dense_replace=1,
+                                 num_nextn_predict_layers=0)
 TRAIN = TrainConfig(steps=10, batch_size=8, seq_len=16, lr=1e-3, warmup_steps=0, final_lr_ratio=1.0, eps=1e-3,
                     balance_alpha=1e-2, bias_gamma=0.05)
 
@@ -96,13 +98,14 @@ def run_step(layout_name: str = "cpu-8", config: ModelConfig = CONFIG, tc: Train
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", default="cpu-8", help="a layout name from sharding/rules.py")
+    parser.add_argument("--mtp", action="store_true", help="with the tiny preset's MTP block (depth 1)")
     args = parser.parse_args(argv)
 
     from dsv3_jax.distributed import initialize
 
     initialize()  # DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID; a no-op for one process
     jax.config.update("jax_default_matmul_precision", "highest")
-    result = run_step(args.layout)
+    result = run_step(args.layout, CONFIG.replace(num_nextn_predict_layers=1) if args.mtp else CONFIG)
     print("RESULT " + json.dumps(result), flush=True)
     if jax.process_count() > 1:
         jax.distributed.shutdown()

@@ -138,9 +138,11 @@ def generate(config: ModelConfig, variables, prompt_ids, max_new_tokens: int, la
 
     Decoding batches are small, so the MoE runs with GSPMD collectives rather than the all-to-all dispatch.
     """
+    from dsv3_jax.generate import check_variables
     from dsv3_jax.generate import generate as generate_local
 
     check_divisible(config, layout, mesh)
+    check_variables(config, variables, need_mtp=bool(kwargs.get("speculative")))
     variables = shard_variables(config, variables, layout, mesh)
     rules = [(k, v) for k, v in layout.rules if k != "act_batch"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
