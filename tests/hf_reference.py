@@ -63,7 +63,7 @@ def add_shard_with_index(directory: str, tensors: dict[str, np.ndarray], shard: 
     weight_map = {}
     single = os.path.join(directory, "model.safetensors")
     with SafetensorsFile(single) as f:
-        weight_map.update({k: "model.safetensors" for k in f.keys()})
+        weight_map.update({k: "model.safetensors" for k in f})
     save_file(tensors, os.path.join(directory, shard))
     weight_map.update({k: shard for k in tensors})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:

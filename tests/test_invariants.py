@@ -237,7 +237,7 @@ def test_logical_axes_match_variables(config):
     shape_leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
     assert [p for p, _ in axes_leaves] == [p for p, _ in shape_leaves]
     stacked = 0
-    for (path, spec), (shape_path, leaf) in zip(axes_leaves, shape_leaves):
+    for (path, spec), (shape_path, leaf) in zip(axes_leaves, shape_leaves, strict=False):
         name = "/".join(_path_keys(path))
         assert path == shape_path, name
         assert isinstance(spec, PartitionSpec), f"{name}: {spec!r}"
@@ -377,7 +377,7 @@ def test_balance_term_matches_numpy(config):
 
 
 def test_balance_term_is_one_when_uniform():
-    e, k, t = 8, 2, 4
+    e, _k, t = 8, 2, 4
     experts = np.array([[[0, 1], [2, 3], [4, 5], [6, 7]]], np.int32)  # every expert hit once
     scores = np.full((1, t, e), 0.3, np.float32)
     np.testing.assert_allclose(float(moe.balance_term(scores, experts, e)), 1.0, rtol=1e-6)

@@ -35,7 +35,7 @@ def ckpt(pristine, tmp_path):
 
 def _read(directory) -> dict[str, np.ndarray]:
     with SafetensorsFile(os.path.join(directory, FILE)) as f:
-        return {k: np.array(f.get(k)) for k in f.keys()}
+        return {k: np.array(f.get(k)) for k in f}
 
 
 def _rewrite(directory, tensors: dict[str, np.ndarray]) -> None:

@@ -404,7 +404,7 @@ def test_write_sharded_round_trip(tmp_path: Path) -> None:
     for shard in shards:
         with SafetensorsFile(out / shard) as f:
             assert f.metadata() == {"format": "pt"}
-            sizes = [tensors[n].nbytes for n in f.keys()]
+            sizes = [tensors[n].nbytes for n in f]
             assert len(sizes) == 1 or sum(sizes) <= 1024
 
 
