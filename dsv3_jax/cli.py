@@ -72,10 +72,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) from a TOML run file, then sample from the trained model."""
+    from dsv3_jax.distributed import initialize
     from dsv3_jax.run_config import load_run_config
     from dsv3_jax.sampling import sample_tokens
     from dsv3_jax.trainer import train
 
+    initialize()  # multi-host when DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID are set
     rc = load_run_config(args.config, steps=args.steps)
     if args.mesh:
         rc = dataclasses.replace(rc, run=dataclasses.replace(rc.run, mesh=args.mesh))

@@ -178,10 +178,20 @@ def _step_function(rc: RunConfig, optimizer, abstract):
     if rc.run.mesh is None:
         return jit_train_step(make_train_step(rc.model, rc.train, optimizer)), None
     from sharding import get_layout, make_mesh
-    from sharding.api import make_sharded_train_step
+    from sharding.api import batch_sharding, make_sharded_train_step
 
     layout = get_layout(rc.run.mesh)
-    return make_sharded_train_step(rc.model, rc.train, optimizer, abstract, layout, make_mesh(layout))
+    mesh = make_mesh(layout)
+    step, shardings = make_sharded_train_step(rc.model, rc.train, optimizer, abstract, layout, mesh)
+    batch_sh = batch_sharding(layout, mesh)
+
+    def global_step(state, batch):
+        # every process holds the same global batch (same data stream and seed); each contributes its shards
+        arrays = {k: jax.make_array_from_callback(v.shape, batch_sh, lambda index, v=v: v[index])
+                  for k, v in batch.items()}
+        return step(state, arrays)
+
+    return global_step, shardings
 
 
 def _with_shardings(abstract, shardings):
