@@ -204,6 +204,9 @@ class SafetensorsFile:
     def __contains__(self, name: object) -> bool:
         return name in self._header
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __len__(self) -> int:
         return len(self._header)
 

@@ -4,6 +4,7 @@ saved residuals and XLA's compiled memory analysis, the README table, and clear 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -154,7 +155,7 @@ def test_decode_bound_reads_weights_and_cache():
 
 def _saved_residual_bytes(config: ModelConfig, batch: int, seq: int) -> int:
     """Bytes of the residuals JAX's autodiff keeps for the backward pass of the training loss (no compile)."""
-    ad_checkpoint = pytest.importorskip("jax._src.ad_checkpoint")
+    ad_checkpoint = importlib.import_module("jax._src.ad_checkpoint")
     from dsv3_jax.train_step import TrainConfig, make_loss_fn
 
     loss = make_loss_fn(config, TrainConfig(batch_size=batch, seq_len=seq))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -119,7 +120,7 @@ TORCH_DTYPES = {"BF16": (np.uint16, "int16"), "F8_E4M3": (np.uint8, "uint8"), "F
 
 
 def test_interop_numpy_ours_to_reference(tmp_path: Path) -> None:
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = importlib.import_module("safetensors.numpy")
     rng = np.random.default_rng(7)
     tensors = {n.lower(): _random(DTYPES[n], (4, 3), rng) for n in NUMPY_DTYPES}
     save_file(tensors, tmp_path / "ours.safetensors", metadata={"format": "np"})
@@ -130,7 +131,7 @@ def test_interop_numpy_ours_to_reference(tmp_path: Path) -> None:
 
 
 def test_interop_numpy_reference_to_ours(tmp_path: Path) -> None:
-    st_numpy = pytest.importorskip("safetensors.numpy")
+    st_numpy = importlib.import_module("safetensors.numpy")
     rng = np.random.default_rng(8)
     tensors = {n.lower(): _random(DTYPES[n], (2, 5), rng) for n in NUMPY_DTYPES}
     st_numpy.save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"k": "v"})
@@ -153,8 +154,8 @@ def _same_bits(ours: np.ndarray, ref: Any, torch: Any) -> bool:
 
 
 def test_interop_torch_reference_to_ours(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    st_torch = pytest.importorskip("safetensors.torch")
+    torch = importlib.import_module("torch")
+    st_torch = importlib.import_module("safetensors.torch")
     tensors = _torch_tensors(torch, 0)
     st_torch.save_file(tensors, str(tmp_path / "ref.safetensors"))
     with SafetensorsFile(tmp_path / "ref.safetensors") as f:
@@ -164,8 +165,8 @@ def test_interop_torch_reference_to_ours(tmp_path: Path) -> None:
 
 
 def test_interop_torch_ours_to_reference(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    st_torch = pytest.importorskip("safetensors.torch")
+    torch = importlib.import_module("torch")
+    st_torch = importlib.import_module("safetensors.torch")
     rng = np.random.default_rng(9)
     ours = {n.lower(): _random(DTYPES[n], (3, 7), rng) for n in TORCH_DTYPES}
     save_file(ours, tmp_path / "ours.safetensors")
