@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-SUBCOMMAND_MODULES = ("dsv3_jax.planner", "dsv3_jax.convert.cli")  # modules exposing register(subparsers)
+SUBCOMMAND_MODULES = ("dsv3_jax.planner_cli", "dsv3_jax.convert.cli")  # modules exposing register(subparsers)
 DEMO_TEXT = "DeepSeek-V3 routes every token to 8 of 256 experts and caches a 576-value latent per token."
 
 

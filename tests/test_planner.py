@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY
 
 import dsv3_jax as d
-from dsv3_jax import ModelConfig
+from dsv3_jax import ModelConfig, planner_cli
 from dsv3_jax import planner as pl
 from dsv3_jax.chips import CHIPS
 from dsv3_jax.planner import PlanError, plan
@@ -248,11 +248,11 @@ def test_cli_json_table_png_and_register(tmp_path, capsys):
     import argparse
 
     png = tmp_path / "mem.png"
-    assert pl.main(["tiny", "--chips", "2", "--batch", "2", "--seq", "32", "--json", "--png", str(png)]) == 0
+    assert planner_cli.main(["tiny", "--chips", "2", "--batch", "2", "--seq", "32", "--json", "--png", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["chips"] == 2 and out["layout"] == "auto-ep2" and png.stat().st_size > 1000
     parser = argparse.ArgumentParser()
-    pl.register(parser.add_subparsers(dest="command"))
+    planner_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["plan", "tiny", "--mode", "train", "--batch", "2", "--seq", "16", "--chips", "1"])
     assert args.func(args) == 0
     table = capsys.readouterr().out
@@ -260,9 +260,9 @@ def test_cli_json_table_png_and_register(tmp_path, capsys):
 
 
 def test_readme_table_is_current():
-    path = os.path.join(REPO, pl.README_TABLE_PATH)
+    path = os.path.join(REPO, planner_cli.README_TABLE_PATH)
     with open(path, encoding="utf-8") as f:
-        assert f.read() == pl.readme_table(), "regenerate with: python -m dsv3_jax.planner --readme-table"
+        assert f.read() == planner_cli.readme_table(), "regenerate with: python -m dsv3_jax.planner --readme-table"
 
 
 # ---------------------------------------------------------------- errors
@@ -296,6 +296,6 @@ def test_heads_not_divisible_by_tensor_axis():
 def test_plan_error_is_value_error_and_cli_reports_it(capsys):
     assert issubclass(PlanError, ValueError)
     with pytest.raises(PlanError, match="config"):
-        pl.load_config("no-such-preset-or-file")
-    assert pl.main(["tiny", "--seq", "32", "--mesh", "no-such-layout"]) == 2
+        planner_cli.load_config("no-such-preset-or-file")
+    assert planner_cli.main(["tiny", "--seq", "32", "--mesh", "no-such-layout"]) == 2
     assert "layout" in capsys.readouterr().err
