@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import torch
 from conftest import build_hf_model
-from hf_reference import hf_block_state
+from hf_reference import hf_block_state, random_mtp_layer
 
 from dsv3_jax import ModelConfig, RopeScaling
 from dsv3_jax.safetensors_io import CheckpointReader, save_file
@@ -88,20 +88,6 @@ def is_fp8_weight(name: str) -> bool:
     return parts[-1] == "weight" and parts[-2] in FP8_MODULES
 
 
-def _mtp_layer(model, config: ModelConfig, seed: int):
-    from transformers.modeling_layers import MtpLayer
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
-
-    torch.manual_seed(seed)
-    layer = MtpLayer(model.config, DeepseekV3DecoderLayer, DeepseekV3RMSNorm, config.num_hidden_layers).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-        bias = layer.mtp_block.mlp.gate.e_score_correction_bias
-        bias.copy_(0.5 * (2 * torch.rand_like(bias) - 1))
-    return layer
-
-
 def _mtp_name(key: str) -> str:
     return key.replace("mtp_block.", "").replace("post_norm.", "shared_head.norm.")
 
@@ -126,7 +112,7 @@ def _set_weights(module, tensors: dict[str, np.ndarray], prefix: str, rename=lam
 
 def _reference_tensors(config: ModelConfig, seed: int, rope_interleave: bool):
     model = build_hf_model(config, seed=seed, rope_interleave=rope_interleave)
-    mtp = _mtp_layer(model, config, seed + 100)
+    mtp = random_mtp_layer(model, config, seed + 100)
     prefix = f"model.layers.{config.num_hidden_layers}."
     tensors = hf_block_state("", model.state_dict(), config.moe_intermediate_size)
     mtp_state = {_mtp_name(k): v for k, v in mtp.state_dict().items()}

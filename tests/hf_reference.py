@@ -68,3 +68,18 @@ def add_shard_with_index(directory: str, tensors: dict[str, np.ndarray], shard: 
     weight_map.update({k: shard for k in tensors})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def random_mtp_layer(hf_model, config: ModelConfig, seed: int):
+    """HF's MtpLayer around a DeepseekV3 decoder layer (index num_hidden_layers) with random non-trivial weights."""
+    from transformers.modeling_layers import MtpLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    torch.manual_seed(seed)
+    layer = MtpLayer(hf_model.config, DeepseekV3DecoderLayer, DeepseekV3RMSNorm, config.num_hidden_layers).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+        bias = layer.mtp_block.mlp.gate.e_score_correction_bias
+        bias.copy_(0.5 * (2 * torch.rand_like(bias) - 1))
+    return layer

@@ -12,6 +12,7 @@ from hf_reference import (
     hf_block_state,
     hf_position_embeddings,
     layer_variables,
+    random_mtp_layer,
     to_torch,
 )
 
@@ -175,20 +176,6 @@ def test_decoder_blocks_match_hf(loaded, name):
         np.testing.assert_allclose(got, expected.numpy(), atol=ACT_TOL, rtol=0, err_msg=f"layer {i}")
 
 
-def _hf_mtp_layer(hf_model, config, seed):
-    from transformers.modeling_layers import MtpLayer
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
-
-    torch.manual_seed(seed)
-    layer = MtpLayer(hf_model.config, DeepseekV3DecoderLayer, DeepseekV3RMSNorm, config.num_hidden_layers).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-        bias = layer.mtp_block.mlp.gate.e_score_correction_bias
-        bias.copy_(0.5 * (2 * torch.rand_like(bias) - 1))
-    return layer
-
-
 @pytest.mark.parametrize("name", ["yarn_groups_bias", "two_dense"])
 def test_mtp_matches_hf_mtp_layer(hf_checkpoints, name, tmp_path):
     """MTP logits vs HF's MtpLayer around a DeepseekV3 decoder layer with the shared embedding and head."""
@@ -197,7 +184,7 @@ def test_mtp_matches_hf_mtp_layer(hf_checkpoints, name, tmp_path):
     hf_model, path = hf_checkpoints[name]
     directory = shutil.copytree(path, tmp_path / "ckpt")
     config = PARITY_CONFIGS[name]
-    mtp = _hf_mtp_layer(hf_model, config, seed=11)
+    mtp = random_mtp_layer(hf_model, config, seed=11)
     prefix = f"model.layers.{config.num_hidden_layers}."
     state = {k.replace("mtp_block.", "").replace("post_norm.", "shared_head.norm."): v
              for k, v in mtp.state_dict().items()}
