@@ -14,9 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-
-class ConfigError(ValueError):
-    """A configuration field is missing, malformed or inconsistent; the message names the field."""
+from dsv3_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +31,25 @@ class RopeScaling:
     attention_factor: float | None = None
 
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # names; the jax policies are in model/transformer.py
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
 MATMUL_PRECISIONS = ("default", "fp8")
 FP8_IMPLS = ("blockwise", "dequant")
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK, activation tiles 1 x FP8_BLOCK (DESIGN.md §4)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulPolicy:
+    """How `quant.matmul.einsum` computes the projections the FP8 recipe covers.
+
+    fp8_plain: quantise plain weights and activations on the fly (FP8 training / inference from bf16 weights).
+    impl: one of FP8_IMPLS — "blockwise" (per-K-block fp32 promotion) or "dequant" (one dot over dequantised
+    operands).
+    """
+
+    fp8_plain: bool = False
+    impl: str = "blockwise"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +121,8 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
     @property
-    def matmul_policy(self):
-        """The policy handed to `matmul.einsum` at the projections the FP8 recipe covers."""
-        from dsv3_jax.matmul import MatmulPolicy
-
+    def matmul_policy(self) -> MatmulPolicy:
+        """The policy handed to `quant.matmul.einsum` at the projections the FP8 recipe covers."""
         return MatmulPolicy(fp8_plain=self.matmul_precision == "fp8", impl=self.fp8_impl)
 
     def replace(self, **changes: Any) -> ModelConfig:

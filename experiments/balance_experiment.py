@@ -44,11 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import plots
 
-from dsv3_jax import data as data_lib
-from dsv3_jax.api import init_variables, param_counts
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.run_config import RunConfig, load_run_config
-from dsv3_jax.train_step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
+from dsv3_jax.model.api import init_variables, param_counts
+from dsv3_jax.text import ByteTokenizer
+from dsv3_jax.train import data as data_lib
+from dsv3_jax.train.run_config import RunConfig, load_run_config
+from dsv3_jax.train.step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_STDLIB = os.path.join(HERE, "configs", "tiny_stdlib.toml")
@@ -84,7 +85,7 @@ def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 def load_tokens(max_bytes: int | None) -> tuple[np.ndarray, int]:
     """The byte-tokenised stdlib stream (as the trainer builds it for tiny_stdlib.toml) and the vocabulary size."""
-    tokenizer = data_lib.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     docs = data_lib.stdlib_corpus(max_bytes)
     return data_lib.tokenize_corpus(docs, tokenizer), tokenizer.vocab_size
 

@@ -28,8 +28,8 @@ import time
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax.ckpt.safetensors import write_sharded
 from dsv3_jax.config import ModelConfig, RopeScaling
-from dsv3_jax.safetensors_io import write_sharded
 
 BASE = ModelConfig(
     vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=4,
@@ -44,7 +44,7 @@ QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "
 
 def _layer_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF name → HF shape of every tensor (from the shared name table and the abstract tree)."""
-    from dsv3_jax.convert.blocks import abstract_tree, plan_blocks
+    from dsv3_jax.ckpt.blocks import abstract_tree, plan_blocks
 
     prefix = f"model.layers.{config.num_hidden_layers}."
     mtp = {prefix + "enorm.weight", prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"}
@@ -116,12 +116,12 @@ mode, src, out, weights = sys.argv[1:5]
 if mode == "baseline":  # imports plus the abstract parameter trees (fixed costs, independent of checkpoint size)
     import orbax.checkpoint  # noqa: F401
     from dsv3_jax.config import ModelConfig
-    from dsv3_jax.convert.blocks import abstract_tree
+    from dsv3_jax.ckpt.blocks import abstract_tree
     for w in ("fp32", "bf16", "fp8"):
         abstract_tree(ModelConfig.from_hf_config(src), w)
     summary = None
 else:
-    from dsv3_jax.convert import convert
+    from dsv3_jax.ckpt import convert
     summary = convert(src, out, weights)
 with open("/proc/self/status") as f:
     hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))

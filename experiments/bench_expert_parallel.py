@@ -2,11 +2,11 @@
 
 Layouts (sharding/rules.py):
   data        experts replicated on every device, tokens split 8 ways (each device runs all its tokens' experts)
-  cpu-8-ep    experts split 8 ways, tokens split 8 ways, all-to-all dispatch (dsv3_jax.parallel)
+  cpu-8-ep    experts split 8 ways, tokens split 8 ways, all-to-all dispatch (dsv3_jax.model.moe.expert_parallel)
   cpu-8       data 2 x expert 2 x tensor 2: experts split 2 ways, tokens 4 ways, all-to-all over "expert"
 
 For each: median wall time of the jitted forward and forward+backward (gradient w.r.t. every parameter), the
-parameter bytes each device holds (`sharding.api.memory_report`) and the compiled program's per-device temp bytes
+parameter bytes each device holds (`dsv3_jax.parallel.api.memory_report`) and the compiled program's per-device temp bytes
 (`memory_analysis()`). Outputs are checked against the replicated layout.
 
     python experiments/bench_expert_parallel.py                     # 64 experts top-6, hidden 256
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.moe import MoE
-from sharding import api as sa
-from sharding import get_layout, make_mesh, param_shardings
+from dsv3_jax.model.moe import MoE
+from dsv3_jax.parallel import api as sa
+from dsv3_jax.parallel import get_layout, make_mesh, param_shardings
 
 LAYOUTS = ("data", "cpu-8-ep", "cpu-8")
 

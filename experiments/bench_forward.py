@@ -155,7 +155,7 @@ def jax_forward_child(args: argparse.Namespace, workdir: str) -> dict:
 
     import dsv3_jax
     from dsv3_jax import Transformer
-    from dsv3_jax.hf_loader import load_hf_directory
+    from dsv3_jax.ckpt.hf import load_hf_directory
 
     rss0 = peak_rss_mib()
     config, variables = load_hf_directory(workdir)
@@ -183,10 +183,10 @@ def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, fl
     import jax
     import jax.numpy as jnp
 
-    from dsv3_jax.attention import MLA
-    from dsv3_jax.layers import MLP
-    from dsv3_jax.model import causal_mask
-    from dsv3_jax.moe import MoE
+    from dsv3_jax.model.attention import MLA
+    from dsv3_jax.model.layers import MLP
+    from dsv3_jax.model.moe import MoE
+    from dsv3_jax.model.transformer import causal_mask
 
     def layer0(tree: dict) -> dict:
         return jax.tree_util.tree_map(lambda a: a[0], tree)
@@ -222,7 +222,7 @@ def jax_moe_child(args: argparse.Namespace, workdir: str) -> dict:
     import flax.linen as nn
     import jax
 
-    from dsv3_jax.moe import MoE
+    from dsv3_jax.model.moe import MoE
 
     results: dict = {}
     for experts in args.experts:

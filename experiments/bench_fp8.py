@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import fp8
-from dsv3_jax.api import abstract_variables, init_variables, param_counts
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Transformer
+from dsv3_jax.model.api import abstract_variables, init_variables, param_counts
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant import fp8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_NOTE = ("CPU has no FP8 units: e4m3 is emulated by XLA (converts + fp32 dots), so FP8 latency here measures the "

@@ -6,7 +6,7 @@ Run (defaults take a few minutes on 2 idle cores):
     python experiments/bench_generate.py --preset small --prompt-len 64 --new-tokens 64 --batches 1,8 --cores 1
 
 Prints, for each batch size: prefill latency (ms) and decode tokens/s of HF `generate(do_sample=False)` (torch,
-float32, HF's own cache) and of `dsv3_jax.generate` (greedy, stop tokens off, compiled once — compile time shown
+float32, HF's own cache) and of `dsv3_jax.infer.generate` (greedy, stop tokens off, compiled once — compile time shown
 apart), their ratio (> 1 = dsv3-jax faster), whether the tokens agree, and the cache bytes per token per layer
 of the latent MLA cache against a naive per-head key/value cache. Each framework runs in its own process.
 """
@@ -74,7 +74,7 @@ def jax_child(args, directory: str, batch: int, queue) -> None:
     import jax
 
     import dsv3_jax as d
-    from dsv3_jax.generate import _compiled, generate
+    from dsv3_jax.infer.generate import _compiled, generate
 
     config, variables = d.load_pretrained(directory)
     ids = prompts(config.vocab_size, batch, args.prompt_len)

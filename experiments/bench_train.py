@@ -66,7 +66,7 @@ def model_for(name: str, mtp_layers: int):
     """"small": the library preset (vocab 4096, D 256, 1 dense + 5 MoE layers); "tiny_stdlib": the run file's model
     with the byte tokenizer's vocabulary (259)."""
     from dsv3_jax import ModelConfig
-    from dsv3_jax.run_config import load_run_config
+    from dsv3_jax.train.run_config import load_run_config
 
     if name == "tiny_stdlib":
         model = load_run_config(os.path.join(HERE, "configs", "tiny_stdlib.toml")).model.replace(vocab_size=259)
@@ -77,7 +77,7 @@ def model_for(name: str, mtp_layers: int):
 
 def train_config(case: dict):
     """tiny_stdlib.toml's [train] settings at the case's batch shape (lr is past warm-up: a real update)."""
-    from dsv3_jax.run_config import load_run_config
+    from dsv3_jax.train.run_config import load_run_config
 
     base = load_run_config(os.path.join(HERE, "configs", "tiny_stdlib.toml")).train
     return dataclasses.replace(base, batch_size=case["batch"], seq_len=case["seq"], warmup_steps=1, decay_start=1000,
@@ -116,8 +116,8 @@ def jax_child(case: dict, mtp_layers: int, args: argparse.Namespace) -> dict:
     pin_cores(args.cores)
     import jax
 
-    from dsv3_jax.api import init_variables, param_counts
-    from dsv3_jax.train_step import init_state, jit_train_step, make_optimizer, make_train_step
+    from dsv3_jax.model.api import init_variables, param_counts
+    from dsv3_jax.train.step import init_state, jit_train_step, make_optimizer, make_train_step
 
     model = model_for(case["model"], mtp_layers)
     tc = train_config(case)

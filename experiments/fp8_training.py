@@ -54,14 +54,15 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dsv3_jax import data as data_lib
-from dsv3_jax import fp8
-from dsv3_jax.api import init_variables, param_counts
-from dsv3_jax.config import ModelConfig
-from dsv3_jax.losses import token_cross_entropy
-from dsv3_jax.model import Transformer
-from dsv3_jax.run_config import load_run_config
-from dsv3_jax.train_step import (
+from dsv3_jax.config import FP8_IMPLS, ModelConfig
+from dsv3_jax.model.api import init_variables, param_counts
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant import fp8
+from dsv3_jax.text import ByteTokenizer
+from dsv3_jax.train import data as data_lib
+from dsv3_jax.train.losses import token_cross_entropy
+from dsv3_jax.train.run_config import load_run_config
+from dsv3_jax.train.step import (
     TrainConfig,
     init_state,
     jit_train_step,
@@ -257,7 +258,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--fp8-impl", default="dequant", choices=fp8.IMPLS)
+    p.add_argument("--fp8-impl", default="dequant", choices=FP8_IMPLS)
     p.add_argument("--window", type=int, default=25, help="steps per window for the smoothed relative error")
     p.add_argument("--max-bytes", type=int, default=3_000_000, help="stdlib bytes to tokenise (as tiny_stdlib)")
     p.add_argument("--seed", type=int, default=0, help="init + data-order seed, shared by both arms")
@@ -268,7 +269,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
 
-    tokenizer = data_lib.ByteTokenizer()
+    tokenizer = ByteTokenizer()
     tokens = data_lib.tokenize_corpus(data_lib.stdlib_corpus(args.max_bytes), tokenizer)
     model = model_config(args.model, tokenizer.vocab_size)
     tc = train_config(args)

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train_step import TrainConfig, init_state, make_optimizer
-from sharding import api as sa
-from sharding import get_layout, make_mesh
+from dsv3_jax.parallel import api as sa
+from dsv3_jax.parallel import get_layout, make_mesh
+from dsv3_jax.train.step import TrainConfig, init_state, make_optimizer
 
 # The tiny preset cut to one dense + one MoE layer and no MTP block (compile time on 2 shared cores; --mtp adds it),
 # init std 0.05 so the router's choices are not all bias.
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtp", action="store_true", help="with the tiny preset's MTP block (depth 1)")
     args = parser.parse_args(argv)
 
-    from dsv3_jax.distributed import initialize
+    from dsv3_jax.parallel.distributed import initialize
 
     initialize()  # DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID; a no-op for one process
     jax.config.update("jax_default_matmul_precision", "highest")

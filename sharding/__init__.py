@@ -1,6 +1,5 @@
-"""Mesh layouts, the logical-axis → mesh-axis rules table (the only place mesh axis names appear), and the
-sharded entry points built on them."""
+"""Data, not code: `layouts.toml` holds the named mesh layouts and the logical-axis rules table.
 
-from sharding.rules import LAYOUTS, Layout, ShardingError, get_layout, make_mesh, param_shardings, to_mesh_spec
-
-__all__ = ["LAYOUTS", "Layout", "ShardingError", "get_layout", "make_mesh", "param_shardings", "to_mesh_spec"]
+This folder is installed as `dsv3_jax.parallel.tables` (see pyproject.toml); import the layouts from
+`dsv3_jax.parallel`, never from here.
+"""

@@ -9,7 +9,7 @@
 - `write_bf16_checkpoint`: the same weights as a plain bf16 HF checkpoint (bias fp32), MTP layer included.
 - `write_official_mp`: the official repository's model-parallel format, written the way its `convert.py` does.
 
-The block quantisation here is plain numpy, independent of `dsv3_jax.fp8`.
+The block quantisation here is plain numpy, independent of `dsv3_jax.quant.fp8`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from conftest import build_hf_model
 from hf_reference import hf_block_state, random_mtp_layer
 
 from dsv3_jax import ModelConfig, RopeScaling
-from dsv3_jax.safetensors_io import CheckpointReader, save_file
+from dsv3_jax.ckpt.safetensors import CheckpointReader, save_file
 
 BF16, FP8 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

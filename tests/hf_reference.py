@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dsv3_jax import ModelConfig
-from dsv3_jax.safetensors_io import SafetensorsFile, save_file
+from dsv3_jax.ckpt.safetensors import SafetensorsFile, save_file
 
 
 def causal_additive_mask(batch: int, seq: int) -> torch.Tensor:

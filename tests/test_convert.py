@@ -27,11 +27,12 @@ from convert_fixtures import (
 )
 
 import dsv3_jax as d
-from dsv3_jax.convert import ConvertError, convert, export
-from dsv3_jax.convert.cli import register
-from dsv3_jax.fp8 import QuantArray
-from dsv3_jax.hf_names import main_entries, mtp_entries
-from dsv3_jax.safetensors_io import CheckpointReader, SafetensorsFile, save_file
+from dsv3_jax.ckpt import convert, export
+from dsv3_jax.ckpt.names import main_entries, mtp_entries
+from dsv3_jax.ckpt.safetensors import CheckpointReader, SafetensorsFile, save_file
+from dsv3_jax.cli.convert import register
+from dsv3_jax.errors import ConvertError
+from dsv3_jax.quant.fp8 import QuantArray
 
 FP32_LOGIT_TOL = 1e-4
 # bf16 weights (each rounded to 8 significant bits) against the HF model holding the unrounded float32 weights;
@@ -405,7 +406,7 @@ def test_failure_midway_leaves_nothing_and_src_untouched(fx, tmp_path, monkeypat
     assert name in MOVED_SCALES
     _edit(str(src), _replace(name, lambda s: np.full_like(s, np.nan)))
     before = _hash_tree(src)
-    from dsv3_jax.convert import pipeline
+    from dsv3_jax.ckpt import conversion as pipeline
 
     written = []
     original = pipeline.BlockWriter.write

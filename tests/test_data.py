@@ -8,17 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.data import (
-    BpeTokenizer,
-    ByteTokenizer,
-    DataError,
-    PackedBatches,
-    load_tokenizer,
-    make_tokenizer,
-    stdlib_corpus,
-    text_file_corpus,
-    tokenize_corpus,
-)
+from dsv3_jax.errors import DataError
+from dsv3_jax.text import BpeTokenizer, ByteTokenizer, load_tokenizer, make_tokenizer
+from dsv3_jax.train.data import PackedBatches, stdlib_corpus, text_file_corpus, tokenize_corpus
 
 MAX_BYTES = 200_000
 

@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 
 import dsv3_jax as d
-from dsv3_jax import data as data_lib
-from dsv3_jax import fp8, matmul
-from dsv3_jax.fp8 import BLOCK, E4M3_MAX, QuantArray, QuantError
-from dsv3_jax.matmul import MatmulPolicy
-from dsv3_jax.run_config import run_config_from_dict
-from dsv3_jax.train_step import TrainConfig, init_state, make_loss_fn, make_optimizer, make_train_step
+from dsv3_jax.config import FP8_IMPLS, MatmulPolicy
+from dsv3_jax.errors import QuantError
+from dsv3_jax.quant import fp8, matmul
+from dsv3_jax.quant.fp8 import BLOCK, E4M3_MAX, QuantArray
+from dsv3_jax.text import ByteTokenizer
+from dsv3_jax.train import data as data_lib
+from dsv3_jax.train.run_config import run_config_from_dict
+from dsv3_jax.train.step import TrainConfig, init_state, make_loss_fn, make_optimizer, make_train_step
 
 F8 = ml_dtypes.float8_e4m3fn
 REL_STEP = 2.0 ** -4  # e4m3: 3 mantissa bits → round-to-nearest relative error ≤ 2^-4
@@ -255,7 +257,7 @@ def operands():
     return aq, a_s, bq, a_deq, b_deq
 
 
-@pytest.mark.parametrize("impl", fp8.IMPLS)
+@pytest.mark.parametrize("impl", FP8_IMPLS)
 def test_scaled_matmul_equals_dequantised_product(operands, impl):
     aq, a_s, bq, a_deq, b_deq = operands
     out = np.asarray(fp8.scaled_matmul(aq, a_s, bq.values, bq.scales, impl))
@@ -272,7 +274,7 @@ def test_scaled_matmul_blockwise_vs_dequant_rounding_only(operands):
     np.testing.assert_allclose(bw, dq, rtol=0, atol=1e-5 * np.abs(dq).max())
 
 
-@pytest.mark.parametrize("impl", fp8.IMPLS)
+@pytest.mark.parametrize("impl", FP8_IMPLS)
 def test_scaled_matmul_per_column_b_scales(operands, impl):
     """b_s [KB, N]: one scale per column and K block (the weight-gradient GEMM's gradient operand)."""
     aq, a_s, _, a_deq, _ = operands
@@ -285,7 +287,7 @@ def test_scaled_matmul_per_column_b_scales(operands, impl):
 
 # ---------------------------------------------------------------- the FP8 training GEMM (custom VJP)
 
-@pytest.mark.parametrize("impl", fp8.IMPLS)
+@pytest.mark.parametrize("impl", FP8_IMPLS)
 def test_fp8_matmul_forward_and_gradients(impl):
     rng = _rng(41)
     x = rng.standard_normal((64, 256)).astype(np.float32)
@@ -506,7 +508,7 @@ def trained():
     stdlib text, then bf16-weight and FP8-weight logits of the trained model on a held-out batch."""
     mc = run_config_from_dict({"model": MODEL_TABLE}).model.replace(
         vocab_size=259, dtype="bfloat16", matmul_precision="fp8", fp8_impl="dequant")
-    tokens = data_lib.tokenize_corpus(data_lib.stdlib_corpus(150_000), data_lib.ByteTokenizer())
+    tokens = data_lib.tokenize_corpus(data_lib.stdlib_corpus(150_000), ByteTokenizer())
     batches = data_lib.PackedBatches(tokens, B, T, seed=0)
     tc = TrainConfig(steps=TRAIN_STEPS, batch_size=B, seq_len=T, lr=3e-3, warmup_steps=5, seed=0)
     opt = make_optimizer(tc)

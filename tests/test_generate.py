@@ -19,12 +19,12 @@ from conftest import PARITY_CONFIGS, build_hf_model
 
 import dsv3_jax as d
 from dsv3_jax import cli
-from dsv3_jax.attention import CACHE_COLLECTION
-from dsv3_jax.generate import Sampling, sample_logits
-from dsv3_jax.hf_loader import load_hf_directory
-from dsv3_jax.layers import rms_norm
-from dsv3_jax.rope import apply_rotary, rotary_tables
-from dsv3_jax.train_step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
+from dsv3_jax.ckpt.hf import load_hf_directory
+from dsv3_jax.infer.sampling import Sampling, sample_logits
+from dsv3_jax.model.attention import CACHE_COLLECTION
+from dsv3_jax.model.layers import rms_norm
+from dsv3_jax.model.rope import apply_rotary, rotary_tables
+from dsv3_jax.train.step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
 LOGIT_TOL = 1e-4
 NEW = 24  # new tokens in every batched generate call below

@@ -15,8 +15,8 @@ from conftest import TINY, random_tokens
 from jax.sharding import PartitionSpec
 
 import dsv3_jax as d
-from dsv3_jax import moe
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import moe
+from dsv3_jax.model.transformer import Transformer
 
 CONFIG = TINY  # float32, scan layout, 1 dense + 2 MoE layers, 8 experts in 4 groups keeping 2, top-2, MTP depth 1
 MANY_EXPERTS = TINY.replace(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6)

@@ -11,8 +11,9 @@ import pytest
 from conftest import TINY, build_hf_model, random_tokens
 
 import dsv3_jax as d
-from dsv3_jax.hf_loader import CheckpointError, load_hf_directory
-from dsv3_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from dsv3_jax.ckpt.hf import load_hf_directory
+from dsv3_jax.ckpt.safetensors import SafetensorsFile, save_file
+from dsv3_jax.errors import CheckpointError, SafetensorsError
 
 FILE = "model.safetensors"
 ATTN = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"

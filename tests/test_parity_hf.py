@@ -17,11 +17,11 @@ from hf_reference import (
 )
 
 import dsv3_jax as d
-from dsv3_jax import layers, rope
-from dsv3_jax.attention import MLA
-from dsv3_jax.hf_loader import load_hf_directory
-from dsv3_jax.model import DecoderLayer, causal_mask
-from dsv3_jax.moe import MoE, route
+from dsv3_jax.ckpt.hf import load_hf_directory
+from dsv3_jax.model import layers, rope
+from dsv3_jax.model.attention import MLA
+from dsv3_jax.model.moe import MoE, route
+from dsv3_jax.model.transformer import DecoderLayer, causal_mask
 
 LOGIT_TOL = 1e-4
 ACT_TOL = 1e-5

@@ -16,10 +16,12 @@ import pytest
 from conftest import TINY
 
 import dsv3_jax as d
-from dsv3_jax import ModelConfig, planner_cli
-from dsv3_jax import planner as pl
-from dsv3_jax.chips import CHIPS
-from dsv3_jax.planner import PlanError, plan
+from dsv3_jax import ModelConfig
+from dsv3_jax.cli import plan as planner_cli
+from dsv3_jax.errors import PlanError
+from dsv3_jax.plan import planner as pl
+from dsv3_jax.plan.chips import CHIPS
+from dsv3_jax.plan.planner import plan
 
 V3 = ModelConfig.from_preset("deepseek-v3-671b")
 SMALL = ModelConfig.from_preset("small")
@@ -102,7 +104,7 @@ def test_kv_cache_bytes_equal_cache_collection():
 @pytest.mark.parametrize("layout", ["cpu-8", None])
 def test_per_device_weights_equal_shard_shapes(layout):
     """Per-device bytes equal what NamedSharding would place on one device (8 simulated CPU devices)."""
-    from sharding import get_layout, make_mesh, param_shardings
+    from dsv3_jax.parallel import get_layout, make_mesh, param_shardings
 
     chips = 8 if layout else 4
     lay = get_layout(layout) if layout else pl.default_layout(TINY, chips)
@@ -120,7 +122,7 @@ def test_default_placement_spreads_experts_only():
     assert p.layout == "auto-ep16" and p.mesh == {"data": 1, "expert": 16}
     leaves = pl.model_leaves(V3)
     routed = sum(leaf.size for leaf in leaves if leaf.routed)
-    other = sum(leaf.size * pl._value_bytes(leaf, "fp8") for leaf in leaves if not leaf.routed)
+    other = sum(leaf.size * pl.value_bytes(leaf, "fp8") for leaf in leaves if not leaf.routed)
     scales = sum(leaf.scale_count for leaf in leaves if not leaf.routed) * 4
     b = p.breakdown_per_device
     assert b["weights"] == other + routed // 16
@@ -145,7 +147,7 @@ def test_decode_bound_reads_weights_and_cache():
     p = plan(config, weights="bf16", batch=1, seq=64, chips=1, chip="h100-80g")
     leaves = [leaf for leaf in pl.model_leaves(config) if not leaf.mtp and leaf.kind != "embedding"]
     frac = config.num_experts_per_tok / config.n_routed_experts
-    read = sum(leaf.size * pl._value_bytes(leaf, "bf16") * (frac if leaf.routed else 1) for leaf in leaves)
+    read = sum(leaf.size * pl.value_bytes(leaf, "bf16") * (frac if leaf.routed else 1) for leaf in leaves)
     read += 64 * p.kv_bytes_per_token
     assert p.decode_tokens_per_s_bound == pytest.approx(CHIPS["h100-80g"].bandwidth / read)
 
@@ -156,7 +158,7 @@ def test_decode_bound_reads_weights_and_cache():
 def _saved_residual_bytes(config: ModelConfig, batch: int, seq: int) -> int:
     """Bytes of the residuals JAX's autodiff keeps for the backward pass of the training loss (no compile)."""
     ad_checkpoint = importlib.import_module("jax._src.ad_checkpoint")
-    from dsv3_jax.train_step import TrainConfig, make_loss_fn
+    from dsv3_jax.train.step import TrainConfig, make_loss_fn
 
     loss = make_loss_fn(config, TrainConfig(batch_size=batch, seq_len=seq))
     v = d.abstract_variables(config)
@@ -188,7 +190,7 @@ def test_activation_inventory_matches_saved_residuals(case):
 
 def _xla_total(config: ModelConfig, batch: int, seq: int) -> tuple[int, dict[str, int]]:
     """argument + output + temp − alias of the compiled, donated train step (XLA's memory analysis)."""
-    from dsv3_jax.train_step import TrainConfig, init_state, make_optimizer, make_train_step
+    from dsv3_jax.train.step import TrainConfig, init_state, make_optimizer, make_train_step
 
     tc = TrainConfig(batch_size=batch, seq_len=seq)  # AdamW moments in float32 (TrainConfig default)
     optimizer = make_optimizer(tc)
@@ -262,7 +264,7 @@ def test_cli_json_table_png_and_register(tmp_path, capsys):
 def test_readme_table_is_current():
     path = os.path.join(REPO, planner_cli.README_TABLE_PATH)
     with open(path, encoding="utf-8") as f:
-        assert f.read() == planner_cli.readme_table(), "regenerate with: python -m dsv3_jax.planner --readme-table"
+        assert f.read() == planner_cli.readme_table(), "regenerate with: python -m dsv3_jax.cli.plan --readme-table"
 
 
 # ---------------------------------------------------------------- errors

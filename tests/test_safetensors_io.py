@@ -1,4 +1,4 @@
-"""Tests for dsv3_jax.safetensors_io: round trips, interop with the reference library, views, errors, atomicity."""
+"""Tests for dsv3_jax.ckpt.safetensors: round trips, interop with the reference library, views, errors, atomicity."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv3_jax.safetensors_io import (
+from dsv3_jax.ckpt.safetensors import (
     DTYPE_NAMES,
     DTYPES,
     INDEX_NAME,
     CheckpointReader,
-    SafetensorsError,
     SafetensorsFile,
     checkpoint_files,
     read_header,
     save_file,
     write_sharded,
 )
+from dsv3_jax.errors import SafetensorsError
 
 SHAPES = [(), (0,), (7,), (3, 5), (2, 3, 4)]
 

@@ -23,14 +23,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax as d
-from dsv3_jax.api import _init_fn
-from dsv3_jax.model import Transformer
-from dsv3_jax.moe import STATS_COLLECTION
-from dsv3_jax.train_step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
-from sharding import LAYOUTS, Layout, ShardingError, get_layout, make_mesh, to_mesh_spec
-from sharding import api as sa
+from dsv3_jax.errors import ShardingError
+from dsv3_jax.model.api import _init_fn
+from dsv3_jax.model.moe import STATS_COLLECTION
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.parallel import LAYOUTS, Layout, get_layout, make_mesh, to_mesh_spec
+from dsv3_jax.parallel import api as sa
+from dsv3_jax.train.step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
-generate_module = importlib.import_module("dsv3_jax.generate")  # `dsv3_jax.generate` the attribute is the function
+generate_module = importlib.import_module("dsv3_jax.infer.generate")  # `dsv3_jax.infer.generate` the attribute is the function
 
 # init_std 0.05 (tiny's 0.02 routes almost by bias alone): the router sees real logits. No MTP block here (compile
 # time); the `dsv3 train --mesh` test runs the tiny preset's MTP under the mesh.
@@ -347,7 +348,7 @@ def test_two_logical_axes_on_one_mesh_axis():
 
 
 def _run_config(mesh, tokenizer="bpe:264"):
-    from dsv3_jax.run_config import run_config_from_dict
+    from dsv3_jax.train.run_config import run_config_from_dict
 
     return run_config_from_dict({
         "model": {"preset": "tiny", "num_hidden_layers": 2, "init_std": 0.05},
@@ -362,7 +363,7 @@ def _losses(out_dir):
 
 
 def test_train_with_mesh_matches_single_device(tmp_path):
-    from dsv3_jax.trainer import train
+    from dsv3_jax.train.loop import train
 
     sharded = train(_run_config("cpu-8"), str(tmp_path / "mesh"), log=lambda *_: None)
     single = train(_run_config(None), str(tmp_path / "single"), log=lambda *_: None)
@@ -380,7 +381,7 @@ def test_train_with_mesh_matches_single_device(tmp_path):
 
 def test_train_with_mesh_byte_tokenizer(tmp_path):
     """The byte tokenizer's 259 ids are padded to a vocabulary of 320, which the 2-way vocab axis divides."""
-    from dsv3_jax.trainer import train
+    from dsv3_jax.train.loop import train
 
     result = train(_run_config("cpu-8", tokenizer="byte"), str(tmp_path / "byte"), log=lambda *_: None)
     assert result["config"].model.vocab_size == 320 and np.isfinite(result["final_loss"])

@@ -22,11 +22,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax as d
-from dsv3_jax import losses, moe
-from dsv3_jax.config import ConfigError
-from dsv3_jax.model import Transformer
-from dsv3_jax.run_config import load_run_config, run_config_from_dict
-from dsv3_jax.train_step import (
+from dsv3_jax.errors import ConfigError
+from dsv3_jax.model import moe
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.train import losses
+from dsv3_jax.train.run_config import load_run_config, run_config_from_dict
+from dsv3_jax.train.step import (
     TrainConfig,
     decay_mask,
     init_state,
@@ -157,7 +158,7 @@ def eager_forward(bal_run):
 
 
 def _route_np(x_BTD, gate_DE, bias_E):
-    """dsv3_jax.moe.route on the layer's own logits → (experts [B,T,K], scores [B,T,E]) as numpy."""
+    """dsv3_jax.model.moe.route on the layer's own logits → (experts [B,T,K], scores [B,T,E]) as numpy."""
     b, t, dim = x_BTD.shape
     logits = jnp.einsum("nd,de->ne", jnp.asarray(x_BTD, jnp.float32).reshape(b * t, dim), jnp.asarray(gate_DE))
     _, experts, scores = moe.route(logits, jnp.asarray(bias_E), MC)
@@ -206,7 +207,7 @@ def _cli(toml: str, out, cache) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", "train", "--config", toml, "--out", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "train", "--config", toml, "--out", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -327,7 +328,7 @@ def test_gamma_zero_keeps_bias_bit_identical_under_lr_and_weight_decay(variables
 
 
 def test_expert_counts_are_global_across_data_shards(variables, steps, bal_run, eager_forward):
-    from sharding import get_layout, make_mesh
+    from dsv3_jax.parallel import get_layout, make_mesh
 
     assert len(jax.devices()) == 8
     mesh = make_mesh(get_layout("data"))
@@ -550,7 +551,8 @@ def test_non_finite_step_keeps_previous_state(variables, steps):
 def nan_run(tmp_path_factory):
     """trainer.train with a huge lr after a zero-lr first step (warmup from 0): a checkpoint every step, then a
     non-finite loss. Returns (run config, run directory, the TrainingError)."""
-    from dsv3_jax.trainer import TrainingError, train
+    from dsv3_jax.errors import TrainingError
+    from dsv3_jax.train.loop import train
 
     table = {"model": MODEL_TABLE, "data": {"corpus": "stdlib", "max_bytes": 20000, "tokenizer": "byte"},
              "train": {"steps": 6, "batch_size": 2, "seq_len": 16, "lr": 1e30, "warmup_steps": 1000},
@@ -565,7 +567,7 @@ def nan_run(tmp_path_factory):
 
 
 def test_trainer_stops_on_non_finite_loss_and_keeps_checkpoint(nan_run):
-    from dsv3_jax.trainer import load_run
+    from dsv3_jax.train.loop import load_run
 
     rc, out, error = nan_run
     assert error is not None, "training with lr 1e30 finished without a TrainingError"
@@ -588,7 +590,8 @@ def test_trainer_stops_on_non_finite_loss_and_keeps_checkpoint(nan_run):
 
 @pytest.mark.parametrize("field, value", [("rope_theta", 5000.0), ("hidden_size", 48)])
 def test_resume_with_another_model_config_names_the_field(nan_run, field, value):
-    from dsv3_jax.trainer import TrainingError, train
+    from dsv3_jax.errors import TrainingError
+    from dsv3_jax.train.loop import train
 
     rc, out, _ = nan_run
     other = dataclasses.replace(rc, model=rc.model.replace(**{field: value}))

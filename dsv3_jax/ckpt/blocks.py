@@ -1,0 +1,356 @@
+"""Conversion blocks: which HF tensors make which block, each block's target cut from the abstract parameter
+tree, the one shared check against that target, and the one function that converts a block.
+
+Blocks: `embed` (embedding), `layer_{i:03d}` (decoder layer i, one slice of the "dense_layers" / "moe_layers"
+stack, router bias included), `head` (final norm + output head), `mtp_{d}` (MTP depth d; its copies of the embedding
+and head are checked and dropped). A block's tree is {collection: subtree}; a layer block's leaves lack the leading
+stacked-layer axis ([E, in, out] for experts, [in, out] for other linear weights).
+
+Weights: "fp32" / "bf16" store plain arrays of that dtype (router gate and bias stay float32, as the model keeps
+them); "fp8" stores every linear weight the FP8 recipe covers as `QuantArray(values [.., K, N] e4m3, scales
+[.., ceil(K/128), ceil(N/128)] f32)`, everything else bf16. FP8 tensors are dequantised in `dequantize_fp8` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.ckpt.names import Entry, expected_entries
+from dsv3_jax.ckpt.sources import Source
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import ConvertError
+from dsv3_jax.model.api import abstract_variables
+from dsv3_jax.model.axes import STACK_NAMES
+from dsv3_jax.model.check import check_tree as _check_tree
+from dsv3_jax.model.check import leaf_at
+from dsv3_jax.quant.fp8 import BLOCK, QuantArray, dequantize, quantize_params, quantize_weight
+
+WEIGHTS = ("fp32", "bf16", "fp8")
+FP8 = "F8_E4M3"
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+SCALE_SUFFIX = "_scale_inv"
+
+Tree = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One unit of conversion: its HF tensors and where its variables sit in the model tree."""
+
+    name: str
+    entries: tuple[Entry, ...] = ()
+    stack: str | None = None  # "dense_layers" / "moe_layers" for a decoder layer
+    layer: int | None = None  # index of the layer inside its stack
+    keys: tuple[str, ...] = ()  # top-level variable names of an unstacked block (e.g. "embed_tokens")
+    copies: tuple[tuple[str, str], ...] = ()  # (MTP copy, the main HF tensor it duplicates): checked, not stored
+
+    def local(self, entry: Entry) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
+        """(collection, path inside the block tree, index into that leaf) of one of its entries."""
+        if self.stack is None:
+            return entry.collection, entry.path, entry.index
+        return entry.collection, entry.path[2:], entry.index[1:]
+
+    def target(self, abstract: Tree) -> Tree:
+        """The block's slice of the abstract variables: ShapeDtypeStruct (or QuantArray of them) leaves."""
+        out = {}
+        for collection, tree in abstract.items():
+            if self.stack is not None:
+                if self.stack in tree:
+                    out[collection] = jax.tree_util.tree_map(
+                        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), tree[self.stack]["layers"])
+            else:
+                sub = {k: tree[k] for k in self.keys if k in tree}
+                if sub:
+                    out[collection] = sub
+        return out
+
+    def record(self) -> dict:
+        """JSON description for the manifest (enough to rebuild `target`)."""
+        return {"name": self.name, "stack": self.stack, "layer": self.layer, "keys": list(self.keys)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Block:
+        return cls(record["name"], stack=record["stack"], layer=record["layer"], keys=tuple(record["keys"]))
+
+
+def _block_key(entry: Entry) -> tuple[int, str]:
+    head = entry.path[0]
+    if head == "embed_tokens":
+        return 0, "embed"
+    if head in STACK_NAMES:
+        return 1, f"layer_{int(entry.hf_name.split('.')[2]):03d}"
+    if head in ("final_norm", "lm_head"):
+        return 2, "head"
+    return 3, head
+
+
+def plan_blocks(config: ModelConfig, names: set[str]) -> list[Block]:
+    """Blocks in write order (embedding, layers, head, MTP depths) for a checkpoint holding `names`."""
+    entries, copies = expected_entries(config, names)
+    groups: dict[tuple[int, str], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(_block_key(entry), []).append(entry)
+    blocks = []
+    for (_, name), group in sorted(groups.items()):
+        first = group[0]
+        if first.path[0] in STACK_NAMES:
+            blocks.append(Block(name, tuple(group), stack=first.path[0], layer=first.index[0]))
+        else:
+            prefix = ".".join(first.hf_name.split(".")[:3]) + "."  # "model.layers.{L + d}."
+            mtp = [(c, m) for c, m in sorted(copies.items()) if c.startswith(prefix)]
+            keys = tuple(dict.fromkeys(e.path[0] for e in group))
+            blocks.append(Block(name, tuple(group), keys=keys, copies=tuple(mtp) if name.startswith("mtp_") else ()))
+    return blocks
+
+
+def abstract_tree(config: ModelConfig, weights: str) -> Tree:
+    """The whole model's abstract variables for a weights format (cached: do not mutate). Only the architecture
+    fields of `config` matter."""
+    if weights not in WEIGHTS:
+        raise ConvertError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return _abstract_tree(config.replace(param_dtype="float32", dtype="float32", scan_layers=True), weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_tree(config: ModelConfig, weights: str) -> Tree:
+    if weights == "fp8":
+        tree = _abstract_tree(config, "bf16")
+        return {**tree, "params": jax.eval_shape(quantize_params, tree["params"])}
+    return abstract_variables(config.replace(param_dtype="float32" if weights == "fp32" else "bfloat16"))
+
+
+# ---------------------------------------------------------------- the one check against the abstract tree
+
+
+def check_tree(tree: Tree, target: Tree, where: str) -> None:
+    """Every leaf of `tree` must exist in `target` with its shape and dtype, and every target leaf must be there."""
+    _check_tree(tree, target, where, error=ConvertError)
+
+
+# ---------------------------------------------------------------- header-level checks of a source
+
+
+def _at(want, index: tuple[int, ...]):
+    """The target of one indexed slot (leading axes removed)."""
+    cut = len(index)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[cut:], s.dtype), want)
+
+
+def _hf_shape(entry: Entry, want) -> tuple[int, ...]:
+    shape = tuple(want.values.shape if isinstance(want, QuantArray) else want.shape)
+    return shape[::-1] if entry.transpose else shape
+
+
+def check_names(blocks: list[Block], source: Source) -> None:
+    """Missing / unexpected tensors, by name (a `_scale_inv` is expected next to its weight)."""
+    expected = {e.hf_name for b in blocks for e in b.entries} | {c for b in blocks for c, _ in b.copies}
+    names = source.names()
+    missing = sorted(expected - names)
+    if missing:
+        raise ConvertError(f"{source.description}: {len(missing)} missing tensor(s), first: {missing[:5]}")
+    unexpected = sorted(n for n in names - expected if n.removesuffix(SCALE_SUFFIX) not in expected
+                        or not n.endswith(SCALE_SUFFIX))
+    if unexpected:
+        raise ConvertError(f"{source.where(unexpected[0])}: unexpected tensor {unexpected[0]} "
+                           f"({len(unexpected)} unexpected in total, first: {unexpected[:5]})")
+
+
+def check_entry(entry: Entry, want, source: Source) -> None:
+    """dtype, shape and (for FP8) the block scale of one HF tensor, from headers only."""
+    name = entry.hf_name
+    dtype, shape = source.info(name)
+    if dtype not in (*FLOAT_DTYPES, FP8):
+        raise ConvertError(f"{source.where(name)}: tensor {name} has dtype {dtype}, expected one of "
+                           f"{(*FLOAT_DTYPES, FP8)}")
+    expected = _hf_shape(entry, want)
+    if tuple(shape) != expected:
+        raise ConvertError(f"{source.where(name)}: tensor {name} has shape {tuple(shape)}, expected {expected}")
+    scale = name + SCALE_SUFFIX
+    if dtype != FP8:
+        if scale in source:
+            raise ConvertError(f"{source.where(scale)}: scale {scale} belongs to tensor {name}, which is {dtype}, "
+                               "not FP8")
+        return
+    if scale not in source:
+        raise ConvertError(f"{source.where(name)}: FP8 tensor {name} has no block scale {scale}")
+    s_dtype, s_shape = source.info(scale)
+    s_want = tuple(math.ceil(d / BLOCK) for d in shape)
+    if len(shape) != 2 or s_dtype != "F32" or tuple(s_shape) != s_want:
+        raise ConvertError(f"{source.where(scale)}: scale {scale} is {s_dtype}{list(s_shape)}, expected "
+                           f"F32{list(s_want)} for FP8 tensor {name} of shape {list(shape)} ({BLOCK}x{BLOCK} blocks)")
+
+
+def check_source(blocks: list[Block], source: Source, abstract: Tree) -> None:
+    """Every check that needs no tensor data, for the whole source, before anything is written."""
+    check_names(blocks, source)
+    for block in blocks:
+        target = block.target(abstract)
+        for entry in block.entries:
+            collection, path, index = block.local(entry)
+            check_entry(entry, _at(leaf_at(target[collection], path), index), source)
+        for copy, main in block.copies:
+            if source.info(copy)[1] != source.info(main)[1]:
+                raise ConvertError(f"{source.where(copy)}: tensor {copy} has shape {source.info(copy)[1]}, "
+                                   f"expected {source.info(main)[1]} (a copy of {main})")
+
+
+# ---------------------------------------------------------------- FP8: the one dequantisation, and quantisation
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _dequantize(values: jax.Array, scales: jax.Array, transpose: bool, dtype: str) -> jax.Array:
+    w = dequantize(QuantArray(values, scales), jnp.float32)
+    return (w.T if transpose else w).astype(dtype)
+
+
+def dequantize_fp8(values: np.ndarray, scales: np.ndarray, *, transpose: bool = False,
+                   dtype: str = "float32") -> np.ndarray:
+    """W = q · s[i // 128, j // 128] in float32 for q [A, B] and s [ceil(A/128), ceil(B/128)] (either layout: HF's
+    `weight_scale_inv` against [out, in], or our scales against [in, out]); ragged edge blocks. Then optionally
+    transposed and rounded to `dtype`, fused in one compiled pass (C-contiguous result)."""
+    return np.asarray(_dequantize(values, scales, transpose, np.dtype(dtype).name))
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _relayout(w: jax.Array, transpose: bool, dtype: str) -> jax.Array:
+    return (w.T if transpose else w).astype(dtype)
+
+
+_COMPILE_MIN_SIZE = 1 << 20  # elements; below this numpy is faster than compiling one more shape
+
+
+def relayout(w: np.ndarray, transpose: bool, dtype) -> np.ndarray:
+    """Transpose (HF [out, in] → ours [in, out]) and cast: large tensors in one compiled pass (XLA's blocked
+    transpose is far faster than numpy's strided copy), small ones as a numpy view (cast if needed) that the
+    caller copies once into its block buffer."""
+    if w.size < _COMPILE_MIN_SIZE or (not transpose and w.dtype == np.dtype(dtype)):
+        w = w.T if transpose else w
+        return w if w.dtype == np.dtype(dtype) else w.astype(dtype)
+    return np.asarray(_relayout(w, transpose, np.dtype(dtype).name))
+
+
+_quantize = jax.jit(quantize_weight)
+
+
+def quantize_fp8(w: np.ndarray) -> QuantArray:
+    """w [..., K, N] → QuantArray of numpy arrays (128×128 blocks, scale = amax / 448)."""
+    q = _quantize(w)
+    return QuantArray(np.asarray(q.values), np.asarray(q.scales))
+
+
+# ---------------------------------------------------------------- converting one block
+
+
+def rope_rows_to_pairs(w_OI: np.ndarray, period: int, rope_start: int, rope_dim: int) -> np.ndarray:
+    """Reorder output rows of a HF weight from half-split rotary layout (rope_interleave=false) to adjacent pairs.
+
+    Rows are grouped in blocks of `period`; inside each block rows [rope_start, rope_start + rope_dim) are rotary.
+    """
+    half = rope_dim // 2
+    order = np.arange(rope_dim).reshape(2, half).T.reshape(-1)  # pair i ← (i, i + R/2)
+    perm = np.arange(w_OI.shape[0]).reshape(-1, period)
+    perm[:, rope_start:] = perm[:, rope_start:][:, order]
+    return w_OI[perm.reshape(-1)]
+
+
+
+
+def _read_scale(entry: Entry, source: Source) -> np.ndarray:
+    name = entry.hf_name + SCALE_SUFFIX
+    scale = source.read(name)
+    if not np.all(np.isfinite(scale) & (scale >= 0)):
+        raise ConvertError(f"{source.where(name)}: scale {name} of FP8 tensor {entry.hf_name} holds non-finite or "
+                           "negative values")
+    return scale
+
+
+def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, interleaved: bool):
+    """One HF tensor → its value in our layout ([in, out]) and the slot's dtype (or a QuantArray); bytes read."""
+    raw = source.read(entry.hf_name)
+    scale = _read_scale(entry, source) if raw.dtype == np.dtype(jnp.float8_e4m3fn) else None
+    nbytes = raw.nbytes + (0 if scale is None else scale.nbytes)
+    rope = entry.rope is not None and not interleaved
+    t = entry.transpose
+    if scale is not None and isinstance(want, QuantArray) and not rope:
+        return QuantArray(relayout(raw, t, raw.dtype), np.ascontiguousarray(scale.T if t else scale)), nbytes
+    plain = not rope and not isinstance(want, QuantArray)
+    if scale is not None:
+        w = dequantize_fp8(raw, scale, transpose=t and plain, dtype=want.dtype if plain else "float32")
+    else:
+        w = relayout(raw, t and plain, want.dtype if plain else "float32")
+    if plain:
+        return w, nbytes
+    if rope:
+        period = config.qk_head_dim if entry.rope == "q" else w.shape[0]
+        w = rope_rows_to_pairs(w, period, period - config.qk_rope_head_dim, config.qk_rope_head_dim)
+    w = w.T if t else w
+    return (quantize_fp8(w) if isinstance(want, QuantArray) else relayout(w, False, want.dtype)), nbytes
+
+
+def _allocate(target: Tree) -> Tree:
+    return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), target)
+
+
+def _store(slot, index: tuple[int, ...], value) -> None:
+    if isinstance(slot, QuantArray):
+        slot.values[index], slot.scales[index] = value.values, value.scales
+    else:
+        slot[index] = value
+
+
+def convert_block(block: Block, source: Source, target: Tree, config: ModelConfig,
+                  interleaved: bool) -> tuple[Tree, int]:
+    """Read, transform and assemble one block (no side effect but reading); returns (tree, bytes read)."""
+    tree = _allocate(target)
+    filled: dict[tuple, set] = {}
+    total = 0
+    for entry in block.entries:
+        collection, path, index = block.local(entry)
+        slot = leaf_at(tree[collection], path)
+        value, nbytes = convert_entry(entry, source, _at(leaf_at(target[collection], path), index), config,
+                                      interleaved)
+        _store(slot, index, value)
+        filled.setdefault((collection, path), set()).add(index)
+        total += nbytes
+    _check_filled(block.name, target, filled)
+    check_tree(tree, target, block.name)
+    return tree, total
+
+
+def _check_filled(where: str, target: Tree, filled: dict[tuple, set]) -> None:
+    """Every target leaf (every expert slot of a stacked one) was written by exactly one HF tensor."""
+    for collection, sub in target.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(sub, is_leaf=lambda x: isinstance(x, QuantArray))[0]:
+            keys = tuple(getattr(p, "key", None) for p in path)
+            indices = filled.get((collection, keys), set())
+            count = math.prod(_leading(leaf, indices))
+            if len(indices) != count:
+                raise ConvertError(f"{where}: {collection}{jax.tree_util.keystr(path)} filled by "
+                                   f"{len(indices)} of {count} HF tensors")
+
+
+def _leading(leaf, indices: set) -> tuple[int, ...]:
+    depth = len(next(iter(indices))) if indices else 0
+    shape = leaf.values.shape if isinstance(leaf, QuantArray) else leaf.shape
+    return tuple(shape[:depth]) if indices else (1,)
+
+
+def insert_block(host: Tree, block: Block, tree: Tree, abstract: Tree) -> None:
+    """Put a converted or restored block into a host tree of the whole model (a layer block into preallocated
+    stacked buffers, at its layer index)."""
+    for collection, sub in tree.items():
+        dest = host.setdefault(collection, {})
+        if block.stack is None:
+            dest.update(sub)
+            continue
+        if block.stack not in dest:
+            dest[block.stack] = {"layers": jax.tree_util.tree_map(
+                lambda s: np.empty(s.shape, s.dtype), abstract[collection][block.stack]["layers"])}
+        stacked = dest[block.stack]["layers"]
+        jax.tree_util.tree_map(lambda buf, x: buf.__setitem__(block.layer, x), stacked, sub)

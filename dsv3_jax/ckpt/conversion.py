@@ -1,0 +1,127 @@
+"""`convert(src, out, weights=...)`: any supported source → a dsv3-jax block checkpoint, streamed block by block.
+
+1. open the source (HF directory, official mp shards, PyTorch state dict) and its config;
+2. plan the blocks and check every name, dtype, shape and FP8 scale from the headers alone (nothing written yet);
+3. for each block: read its tensors, convert them (`blocks.convert_block`), save it, drop it — peak memory is
+   about one block (one decoder layer) plus what orbax needs to write it;
+4. write config.json and manifest.json and rename the temporary directory onto `out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+from dsv3_jax.ckpt.blocks import SCALE_SUFFIX, WEIGHTS, abstract_tree, check_source, convert_block, plan_blocks
+from dsv3_jax.ckpt.detect import open_source
+from dsv3_jax.ckpt.sources import Source
+from dsv3_jax.ckpt.store import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    BlockWriter,
+    atomic_directory,
+    hf_config_with_section,
+    write_json,
+)
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import ConvertError
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a conversion or export did: counts, bytes, seconds, peak memory."""
+
+    action: str
+    out: str
+    blocks: int
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+
+    def line(self) -> str:
+        rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return (f"{self.action} → {self.out}: {self.blocks} blocks, {self.tensors} tensors, "
+                f"{self.bytes_read / 1e9:.3f} GB read, {self.bytes_written / 1e9:.3f} GB written in "
+                f"{self.seconds:.1f} s ({rate:.2f} GB/s), peak RSS {self.peak_rss / 1e9:.2f} GB")
+
+
+def progress_bar(total_bytes: int, label: str, stream: TextIO | None) -> tqdm:
+    """Bytes read or written so far, rate and ETA on stderr (tqdm)."""
+    return tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, file=stream or sys.stderr, mininterval=1.0)
+
+
+def _block_tensors(block, source: Source) -> dict[str, str]:
+    """HF name → source dtype of every tensor the block reads (scales included)."""
+    out = {}
+    for entry in block.entries:
+        for name in (entry.hf_name, entry.hf_name + SCALE_SUFFIX):
+            if name in source:
+                out[name] = source.info(name)[0]
+    return out
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16", *,
+            config: str | os.PathLike | ModelConfig | None = None, progress: bool = True,
+            stream: TextIO | None = None) -> Summary:
+    """Convert a checkpoint at `src` into a new directory `out` (which must not exist); returns a Summary.
+
+    weights: "fp32" / "bf16" (FP8 sources dequantised exactly, W = q · s[i//128, j//128], then rounded), or "fp8"
+    (FP8 kept with its block scales as QuantArray; a bf16/fp32 source is quantised in 128×128 blocks).
+    config: a config.json path (HF or the official repository's format) or a ModelConfig; default
+    `config.json` next to the source. The MTP layer (index num_hidden_layers) becomes `mtp_0`.
+    """
+    if weights not in WEIGHTS:
+        raise ConvertError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    out = os.path.abspath(os.fspath(out))
+    if os.path.lexists(out):
+        raise ConvertError(f"{out}: output already exists; choose a new path or remove it first")
+    start = time.perf_counter()
+    with open_source(src, config) as (source, model_config, interleaved, kind):
+        blocks = plan_blocks(model_config, source.names())
+        abstract = abstract_tree(model_config, weights)
+        check_source(blocks, source, abstract)
+        total = sum(source.nbytes(n) for b in blocks for n in _block_tensors(b, source))
+        bar = progress_bar(total, "convert", stream) if progress else None
+        records, read, written, tensors = [], 0, 0, 0
+        with atomic_directory(out) as tmp:
+            writer = BlockWriter(tmp)
+            try:
+                for block in blocks:
+                    tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved)
+                    nwritten = writer.write(block.name, tree)
+                    del tree
+                    dtypes = _block_tensors(block, source)
+                    records.append({**block.record(), "bytes": nwritten, "hf_dtypes": dtypes,
+                                    "copies": [c for c, _ in block.copies]})
+                    read, written, tensors = read + nread, written + nwritten, tensors + len(dtypes)
+                    if bar:
+                        bar.set_postfix(block=block.name, rss_GB=f"{peak_rss_bytes() / 1e9:.2f}", refresh=False)
+                        bar.update(nread)
+            finally:
+                writer.close()
+            manifest = {"format": FORMAT, "version": VERSION, "weights": weights,
+                        "source": {"path": os.path.abspath(os.fspath(src)), "kind": kind}, "blocks": records,
+                        "tensors": tensors, "bytes_read": read, "bytes_written": written}
+            write_json(os.path.join(tmp, "config.json"), hf_config_with_section(model_config, weights))
+            write_json(os.path.join(tmp, MANIFEST), manifest)
+        if bar:
+            bar.close()
+    summary = Summary("convert", out, len(blocks), tensors, read, written, time.perf_counter() - start,
+                      peak_rss_bytes())
+    if progress:
+        print(summary.line(), file=stream or sys.stderr)
+    return summary

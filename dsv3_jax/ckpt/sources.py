@@ -1,0 +1,231 @@
+"""Readers for the checkpoint formats `dsv3 convert` accepts, all seen through one small interface.
+
+A `Source` maps HF tensor names (`model.layers.3.mlp.experts.7.up_proj.weight`, `..._scale_inv`) to tensors in HF
+layout ([out, in] for linear weights) and their safetensors dtype strings ("F8_E4M3", "BF16", "F32", ...):
+
+- `SafetensorsSource`: a HF directory (index + shards, one `model.safetensors`, or loose shards). Headers are read
+  and validated up front; tensors are read with plain file reads into fresh arrays (no mmap), so the process holds
+  only what the converter keeps and its resident memory does not grow with the checkpoint.
+- `TorchSource`: PyTorch `.pt` / `.bin` state dicts (torch imported only here, `weights_only=True`, mmapped).
+  transformers' fused in-memory expert tensors (`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj`
+  [E, D, I]) are presented as the per-expert names of the released layout.
+- the official repository's model-parallel shards live in `dsv3_jax.ckpt.official`.
+
+`dsv3_jax.ckpt.detect.open_source(path, config)` detects the format and finds the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import IO, Any
+
+import ml_dtypes
+import numpy as np
+
+from dsv3_jax.ckpt.safetensors import DTYPES, INDEX_NAME, checkpoint_files, read_header
+from dsv3_jax.errors import ConvertError, SafetensorsError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+class Source:
+    """HF-named tensors of one checkpoint. Subclasses fill `_info` (name → (dtype string, shape)) and `_read`."""
+
+    description = "checkpoint"
+
+    def __init__(self) -> None:
+        self._info: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def names(self) -> set[str]:
+        """Every tensor name (HF naming)."""
+        return set(self._info)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype string, shape) without reading data."""
+        if name not in self._info:
+            raise ConvertError(f"{self.description}: no tensor named {name}")
+        return self._info[name]
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.info(name)
+        return DTYPES[dtype].itemsize * int(np.prod(shape)) if dtype in DTYPES else 0
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a fresh numpy array (HF layout, stored dtype)."""
+        self.info(name)
+        return self._read(name)
+
+    def where(self, name: str) -> str:
+        """The file(s) holding `name`, for error messages."""
+        return self.description
+
+    def _read(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+class SafetensorsSource(Source):
+    """Tensors spread over safetensors files, read by file offset (see the module docstring)."""
+
+    def __init__(self, files: dict[str, str], description: str) -> None:
+        """`files`: tensor name → absolute path of the file that holds it."""
+        super().__init__()
+        self.description = description
+        self._files = files
+        self._offsets: dict[str, int] = {}
+        self._handles: dict[str, IO[bytes]] = {}
+        for path in sorted(set(files.values())):
+            header, data_start = header_of(path)
+            for name, entry in header.items():
+                if files.get(name) == path:
+                    self._info[name] = (entry["dtype"], tuple(entry["shape"]))
+                    self._offsets[name] = data_start + entry["data_offsets"][0]
+        for name, path in sorted(files.items()):
+            if name not in self._info:
+                raise ConvertError(f"{description}: the index puts tensor {name} in {os.path.basename(path)}, "
+                                   f"but {path} has no such tensor")
+
+    @classmethod
+    def from_directory(cls, directory: str) -> SafetensorsSource:
+        """A HF checkpoint directory (index, single `model.safetensors`, or loose `*.safetensors`)."""
+        try:
+            files = checkpoint_files(directory)
+        except SafetensorsError as e:
+            raise ConvertError(str(e)) from e
+        index = os.path.join(directory, INDEX_NAME)
+        return cls(files, index if os.path.isfile(index) else directory)
+
+    def where(self, name: str) -> str:
+        return self._files.get(name, self.description)
+
+    def _read(self, name: str) -> np.ndarray:
+        dtype, shape = self._info[name]
+        out = np.empty(shape, DTYPES[dtype])
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        path = self._files[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = open(path, "rb")  # noqa: SIM115 (closed in close())
+        handle.seek(self._offsets[name])
+        done = 0
+        while done < len(view):
+            got = handle.readinto(view[done:])
+            if not got:
+                raise ConvertError(f"{path}: tensor {name}: file ended after {done} of {len(view)} bytes (truncated)")
+            done += got
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+def header_of(path: str) -> tuple[dict[str, Any], int]:
+    """A validated safetensors header and its data offset; any defect is a ConvertError naming the file."""
+    try:
+        return read_header(path)
+    except (SafetensorsError, OSError) as e:
+        raise ConvertError(str(e) if isinstance(e, SafetensorsError) else f"{path}: {e}") from e
+
+
+_TORCH_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+                 "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
+                 "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
+
+
+class TorchSource(Source):
+    """PyTorch state dicts (`torch.save` files): one file, or shards listed by `pytorch_model.bin.index.json`."""
+
+    def __init__(self, paths: list[str], description: str) -> None:
+        super().__init__()
+        self.description = description
+        self._getters: dict[str, Callable[[], Any]] = {}
+        self._where: dict[str, str] = {}
+        for path in paths:
+            for name, tensor in _torch_state_dict(path).items():
+                self._add(path, name, tensor)
+
+    def _add(self, path: str, name: str, tensor: Any) -> None:
+        fused = _FUSED.match(name)
+        if fused and tensor.ndim == 3:
+            prefix, kind = fused["prefix"], fused["kind"]
+            half = tensor.shape[1] // 2
+            for j in range(tensor.shape[0]):
+                if kind == "down_proj":
+                    self._add(path, f"{prefix}{j}.down_proj.weight", tensor[j])
+                else:
+                    self._add(path, f"{prefix}{j}.gate_proj.weight", tensor[j, :half])
+                    self._add(path, f"{prefix}{j}.up_proj.weight", tensor[j, half:])
+            return
+        if name in self._info:
+            raise ConvertError(f"tensor {name} appears in both {self._where[name]} and {path}")
+        dtype = _TORCH_DTYPES.get(str(tensor.dtype).removeprefix("torch."), str(tensor.dtype))
+        self._info[name] = (dtype, tuple(int(d) for d in tensor.shape))
+        self._getters[name] = lambda t=tensor: t
+        self._where[name] = path
+
+    def where(self, name: str) -> str:
+        return self._where.get(name, self.description)
+
+    def _read(self, name: str) -> np.ndarray:
+        tensor = self._getters[name]().contiguous()
+        dtype = self._info[name][0]
+        if dtype == "BF16":
+            import torch
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        if dtype.startswith("F8"):
+            import torch
+
+            return tensor.view(torch.uint8).numpy().view(DTYPES[dtype]).copy()
+        return tensor.numpy().copy()
+
+
+def _torch_state_dict(path: str) -> dict[str, Any]:
+    import torch
+
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch raises many types for a bad file
+        raise ConvertError(f"{path}: cannot read PyTorch state dict ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and set(loaded) == {key} and isinstance(loaded[key], dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(hasattr(v, "dtype") for v in loaded.values()):
+        raise ConvertError(f"{path}: expected a dict of tensor name → tensor, found {type(loaded).__name__}")
+    return loaded
+
+
+def torch_files(directory: str) -> list[str]:
+    index = os.path.join(directory, TORCH_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        paths = [os.path.join(directory, s) for s in shards]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ConvertError(f"{index}: weight_map names {os.path.basename(path)} but {path} does not exist")
+        return paths
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(TORCH_SUFFIXES))

@@ -1,0 +1,61 @@
+"""Every error the package raises on purpose, in one place.
+
+`Dsv3Error` is the common base: the command line turns any of them into one clear paragraph on stderr. Each is
+also a `ValueError` (bad input: exit code 2) or a `RuntimeError` (a failure while working: exit code 1), so
+callers may catch them by either.
+"""
+
+from __future__ import annotations
+
+
+class Dsv3Error(Exception):
+    """Base of every dsv3-jax error; the message names the culprit (file, tensor, field, value) and what was
+    expected."""
+
+    exit_code = 2  # bad input
+
+
+class ConfigError(Dsv3Error, ValueError):
+    """A configuration field is missing, malformed or inconsistent; the message names the field."""
+
+
+class InputError(Dsv3Error, ValueError):
+    """Token ids, prompts, sequence lengths or sampling settings the model cannot take; the message says which."""
+
+
+class QuantError(Dsv3Error, ValueError):
+    """Malformed quantised tensors (scale shape, non-finite values); the message says which and why."""
+
+
+class SafetensorsError(Dsv3Error, ValueError):
+    """Malformed, truncated, missing or unwritable safetensors data; the message names the file."""
+
+
+class CheckpointError(Dsv3Error, ValueError):
+    """A checkpoint does not match its config: the message names the tensor, the file and what was expected."""
+
+
+class ConvertError(CheckpointError):
+    """A source or converted checkpoint cannot be read or written; the message names the file and the tensor."""
+
+
+class TokenizerError(Dsv3Error, ValueError):
+    """Tokenizer files or a chat template that cannot be used; the message names the file and the field."""
+
+
+class DataError(Dsv3Error, ValueError):
+    """Bad data-pipeline input: a file, tokenizer spec, token stream or saved state; the message says which."""
+
+
+class ShardingError(Dsv3Error, ValueError):
+    """A layout, mesh or rule that cannot place the model; the message names the layout, axis or parameter."""
+
+
+class PlanError(Dsv3Error, ValueError):
+    """An input the planner cannot plan for; the message names the field (chip, layout, chips, batch, ...)."""
+
+
+class TrainingError(Dsv3Error, RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint from another config); the message says what to do."""
+
+    exit_code = 1

@@ -1,0 +1,130 @@
+"""Multi-head Latent Attention (MLA).
+
+Two paths over the same parameters:
+  - naive (training, and the reference): keys/values expanded per head from the latent, [B,S,H,N+U];
+  - absorbed (decoding, `cache_len > 0`): W_kvb's key half folded into the query and its value half applied after
+    attention, so the cache holds only the normalised latent c_kv [C] and the rotated shared key k_pe [R] per
+    token — 576 values per token per layer at 671B, against H·(N+R+U) = 40,960 for a per-head cache of
+    keys and values.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model.axes import CACHE_COLLECTION
+from dsv3_jax.model.layers import constrain, rms_norm, weight
+from dsv3_jax.model.rope import apply_rotary, rotary_tables, softmax_scale
+from dsv3_jax.quant.matmul import as_dense, einsum
+
+
+class MLA(nn.Module):
+    """q from a low-rank (or full) projection, keys/values from a normalised latent c_kv, one shared rotary key."""
+
+    config: ModelConfig
+    cache_len: int = 0  # > 0: absorbed attention over a latent cache of this many slots ("cache" collection)
+
+    def _query(self, x_BTD: jax.Array) -> jax.Array:
+        c = self.config
+        width = c.num_attention_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            wq = weight(self, "wq", (c.hidden_size, width), ("embed", "q_heads"), c)
+            return einsum("btd,dk->btk", x_BTD, wq, policy=c.matmul_policy)
+        wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), c)
+        q_norm = weight(self, "q_norm", (c.q_lora_rank,), ("norm",), c, init="ones")
+        wq_b = weight(self, "wq_b", (c.q_lora_rank, width), ("q_lora", "q_heads"), c)
+        q_BTQ = rms_norm(einsum("btd,dq->btq", x_BTD, wq_a, policy=c.matmul_policy), q_norm, c.rms_norm_eps)
+        return einsum("btq,qk->btk", q_BTQ, wq_b, policy=c.matmul_policy)
+
+    def _latent(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Normalised latent c_kv [B,T,C] and the un-rotated shared rotary key k_pe [B,T,R]."""
+        c = self.config
+        wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_a"), c)
+        kv_norm = weight(self, "kv_norm", (c.kv_lora_rank,), ("norm",), c, init="ones")
+        kv_BTA = einsum("btd,da->bta", x_BTD, wkv_a, policy=c.matmul_policy)
+        ckv_BTC, kpe_BTR = jnp.split(kv_BTA, [c.kv_lora_rank], axis=-1)
+        return rms_norm(ckv_BTC, kv_norm, c.rms_norm_eps), kpe_BTR
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+        """x [B,T,D], positions [B,T] int, mask [B,T,S] bool (True = may attend) → [B,T,D]."""
+        c = self.config
+        b, t, _ = x_BTD.shape
+        h, n, u = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+        wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, h * (n + u)), ("kv_lora", "kv_heads"), c)
+        wo = weight(self, "wo", (h * u, c.hidden_size), ("o_heads", "embed"), c)
+        if self.cache_len:
+            return self._decode(x_BTD, positions_BT, mask_BTS, wkv_b, wo)
+
+        with jax.named_scope("mla_project"):
+            q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
+            qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
+            ckv_BSC, kpe_BSR = self._latent(x_BTD)
+            kv_BSHJ = einsum("bsc,cz->bsz", ckv_BSC, wkv_b, policy=c.matmul_policy).reshape(b, t, h, n + u)
+            knope_BSHN, v_BSHU = jnp.split(kv_BSHJ, [n], axis=-1)
+            cos, sin = rotary_tables(c, positions_BT)
+            qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
+            kpe_BSR = apply_rotary(kpe_BSR, cos, sin)
+        with jax.named_scope("mla_attend"):
+            q_BTHK = jnp.concatenate([qnope_BTHN, qpe_BTHR], axis=-1)
+            k_BSHK = jnp.concatenate([knope_BSHN, jnp.broadcast_to(kpe_BSR[:, :, None], (b, t, h, kpe_BSR.shape[-1]))],
+                                     axis=-1)
+            out_BTHU = attend(q_BTHK, k_BSHK, v_BSHU, mask_BTS, softmax_scale(c))
+        return self._output(out_BTHU, wo)
+
+    def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
+        b, t = out_BTHU.shape[:2]
+        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, -1), wo, policy=self.config.matmul_policy)
+        return constrain(out_BTD, ("act_batch", "act_seq", "act_embed"))
+
+
+    def _decode(self, x_BTD, positions_BT, mask_BTS, wkv_b, wo) -> jax.Array:
+        """Absorbed attention: write (c_kv, rotated k_pe) of the new tokens at their positions, attend the cache.
+
+        mask_BTS has S = cache_len slots; slot s holds the token at position s of that row.
+        """
+        c = self.config
+        b, t, _ = x_BTD.shape
+        h, n, u = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+        q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
+        qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
+        ckv_BTC, kpe_BTR = self._latent(x_BTD)
+        cos, sin = rotary_tables(c, positions_BT)
+        qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
+        ckv_BSC, kpe_BSR = self._write_cache(ckv_BTC, apply_rotary(kpe_BTR, cos, sin), positions_BT)
+        wkv_CHJ = as_dense(wkv_b, x_BTD.dtype).reshape(c.kv_lora_rank, h, n + u)
+        with jax.named_scope("mla_absorbed"):
+            qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHJ[..., :n])
+            q_BTHK = jnp.concatenate([qlat_BTHC, qpe_BTHR.astype(qlat_BTHC.dtype)], axis=-1)
+            k_BSK = jnp.concatenate([ckv_BSC, kpe_BSR], axis=-1)  # one latent "head" shared by every query head
+            olat_BTHC = attend(q_BTHK, k_BSK, ckv_BSC, mask_BTS, softmax_scale(c))
+            out_BTHU = einsum("bthc,chu->bthu", olat_BTHC, wkv_CHJ[..., n:])
+        return self._output(out_BTHU, wo)
+
+    def _write_cache(self, ckv_BTC, kpe_BTR, positions_BT):
+        c, b = self.config, ckv_BTC.shape[0]
+        ckv = self.variable(CACHE_COLLECTION, "ckv", jnp.zeros, (b, self.cache_len, c.kv_lora_rank), ckv_BTC.dtype)
+        kpe = self.variable(CACHE_COLLECTION, "kpe", jnp.zeros, (b, self.cache_len, c.qk_rope_head_dim), kpe_BTR.dtype)
+        rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], positions_BT.shape)
+        ckv.value = ckv.value.at[rows_BT, positions_BT].set(ckv_BTC.astype(ckv.value.dtype), mode="drop")
+        kpe.value = kpe.value.at[rows_BT, positions_BT].set(kpe_BTR.astype(kpe.value.dtype), mode="drop")
+        return ckv.value, kpe.value
+
+
+def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """softmax(scale · q·k masked) · v with float32 scores and softmax → [B,T,H,U].
+
+    q concatenates the no-rope and rotary parts ([q_nope; q_pe], or [q_latent; q_pe] on the absorbed path) so one
+    contraction gives q_nope·k_nope + q_pe·k_pe. Keys/values without a head axis ([B,S,K], [B,S,U]) are shared
+    by every query head (the absorbed path).
+    """
+    k_eq = "bsk" if k_BSHK.ndim == 3 else "bshk"
+    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
+    scores_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHU.dtype)
+    return jnp.einsum(f"bhts,{v_eq}->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
+        v_BSHU.dtype)

@@ -1,0 +1,163 @@
+"""Dropless dispatch of token-expert pairs to the routed experts, their SwiGLU, and the weighted combine.
+
+Every implementation has the contract `ffn(x [N,D], experts [N,X], weights [N,X], w_gate [E,D,F], w_up [E,D,F],
+w_down [E,F,D], policy) -> [N,D]` and never drops a token; its cost grows with the number of (token, expert)
+pairs, not with the number of experts:
+  - "ragged": sort pairs by expert, `jax.lax.ragged_dot` (grouped GEMM) — GPU/TPU.
+  - "blocks": sort pairs by expert, pad each expert's rows to a multiple of a tile, one batched matmul over tiles
+    with each tile's expert weights gathered — CPU, where ragged_dot multiplies every row by every expert.
+  - "dense": every expert on every token, masked (cost grows with E) — a reference for tests only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import MatmulPolicy
+from dsv3_jax.quant.matmul import as_dense, einsum
+
+
+@jax.custom_vjp
+def permute_rows(x_RD: jax.Array, index_S: jax.Array, inverse_R: jax.Array) -> jax.Array:
+    """out[s] = x[index[s]] (index == R gives a zero row), for an index that uses each row at most once.
+
+    `inverse[r]` is the s with index[s] == r (S when row r is unused). The gradient is then a gather by `inverse`
+    instead of the scatter-add autodiff would emit — scatters are slow on CPU.
+    """
+    return _take_rows(x_RD, index_S)
+
+
+def _take_rows(x_RD: jax.Array, index_S: jax.Array) -> jax.Array:
+    return jnp.take(x_RD, index_S, axis=0, mode="fill", fill_value=0)
+
+
+def _permute_fwd(x_RD, index_S, inverse_R):
+    return _take_rows(x_RD, index_S), (index_S, inverse_R)
+
+
+def _permute_bwd(residuals, g_SD):
+    _, inverse_R = residuals
+    return _take_rows(g_SD, inverse_R), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _inverse_permutation(perm_M: jax.Array) -> jax.Array:
+    return jnp.zeros_like(perm_M).at[perm_M].set(jnp.arange(perm_M.shape[0], dtype=perm_M.dtype))
+
+
+def _sort_pairs(x_ND: jax.Array, experts_NX: jax.Array, num_experts: int):
+    """Token copies sorted by expert: (x_sorted [M,D], order [M], inverse [M], sorted expert ids [M], sizes [E])."""
+    flat_M = experts_NX.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+    inverse_M = _inverse_permutation(order_M)
+    sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+    x_MD = jnp.repeat(x_ND, experts_NX.shape[1], axis=0)  # pair m = n·X + slot
+    return permute_rows(x_MD, order_M, inverse_M), order_M, inverse_M, flat_M[order_M], sizes_E
+
+
+def combine(y_NXD: jax.Array, weights_NX: jax.Array) -> jax.Array:
+    """Σ_x weight[n, x] · y[n, x] in float32 → [N,D] in y's dtype."""
+    out = jnp.einsum("nxd,nx->nd", y_NXD, weights_NX, preferred_element_type=jnp.float32)
+    return out.astype(y_NXD.dtype)
+
+
+def _unsort_combine(y_MD: jax.Array, order_M: jax.Array, inverse_M: jax.Array, weights_NX: jax.Array) -> jax.Array:
+    """Put sorted expert outputs back in (token, slot) order and sum them with their routing weights → [N,D]."""
+    n, x = weights_NX.shape
+    return combine(permute_rows(y_MD, inverse_M, order_M).reshape(n, x, -1), weights_NX)
+
+
+def tile_size(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile for the "blocks" dispatch: about pairs/expert, a power of two in [8, 128]."""
+    per_expert = max(num_pairs // num_experts, 1)
+    return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+
+
+def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: int):
+    """Padded row of each sorted pair [M], sorted pair of each padded row (M = padding) [P], expert of each tile."""
+    m = expert_M.shape[0]
+    padded_E = (sizes_E + tile - 1) // tile * tile
+    pad_end_E = jnp.cumsum(padded_E)
+    rank_M = jnp.arange(m) - (jnp.cumsum(sizes_E) - sizes_E)[expert_M]
+    dest_M = ((pad_end_E - padded_E)[expert_M] + rank_M).astype(jnp.int32)
+    src_P = jnp.full((num_tiles * tile,), m, jnp.int32).at[dest_M].set(jnp.arange(m, dtype=jnp.int32))
+    tile_expert_Z = jnp.searchsorted(pad_end_E, jnp.arange(num_tiles) * tile, side="right")
+    return dest_M, src_P, jnp.minimum(tile_expert_Z, sizes_E.shape[0] - 1)
+
+
+def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
+    e, m = w_gate_EDF.shape[0], experts_NX.size
+    tile = tile_size(m, e)
+    num_tiles = m // tile + min(e, m)  # static bound on Σ_e ceil(size_e / tile)
+    xs_MD, order_M, inverse_M, expert_M, sizes_E = _sort_pairs(x_ND, experts_NX, e)
+    dest_M, src_P, tile_expert_Z = _tile_layout(expert_M, sizes_E, tile, num_tiles)
+    x_ZWD = permute_rows(xs_MD, src_P, dest_M).reshape(num_tiles, tile, -1)
+    y_PD = _tile_ffn(x_ZWD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy).reshape(num_tiles * tile, -1)
+    return _unsort_combine(permute_rows(y_PD, dest_M, src_P), order_M, inverse_M, weights_NX)
+
+
+TILE_CHUNK_BYTES = 2 << 20  # expert weights gathered per chunk of tiles: small enough to stay in cache
+
+
+def _tile_ffn(x_ZWD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy) -> jax.Array:
+    """SwiGLU of each tile with its expert's weights, a chunk of tiles at a time (lax.map): the weights a chunk
+    gathers stay small instead of one copy per tile of the whole layer's experts."""
+    per_tile = sum(int(np.prod(w.shape[1:])) * 4 for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    chunk = int(max(1, min(x_ZWD.shape[0], TILE_CHUNK_BYTES // per_tile)))
+
+    def one(args):
+        x_WD, e = args
+        gate = einsum("td,df->tf", x_WD, w_gate_EDF[e], policy=policy)
+        up = einsum("td,df->tf", x_WD, w_up_EDF[e], policy=policy)
+        return einsum("tf,fd->td", jax.nn.silu(gate) * up, w_down_EFD[e], policy=policy)
+
+    return jax.lax.map(one, (x_ZWD, tile_expert_Z), batch_size=chunk)
+
+
+def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert.
+
+    FP8-resident expert weights are dequantised for ragged_dot (no block-scaled grouped GEMM in XLA yet).
+    """
+    xs_MD, order_M, inverse_M, _, sizes_E = _sort_pairs(x_ND, experts_NX, w_gate_EDF.shape[0])
+    dtype = x_ND.dtype
+
+    def gdot(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, as_dense(rhs, dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
+
+    h_MF = jax.nn.silu(gdot(xs_MD, w_gate_EDF)) * gdot(xs_MD, w_up_EDF)
+    return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, inverse_M, weights_NX)
+
+
+def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+              w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Reference: every expert on every token, weighted by a [N,E] combine matrix that is zero off the top-k."""
+    n = x_ND.shape[0]
+    combine_NE = jnp.zeros((n, w_gate_EDF.shape[0]), jnp.float32).at[jnp.arange(n)[:, None], experts_NX].add(
+        weights_NX)
+    h_NEF = jax.nn.silu(einsum("nd,edf->nef", x_ND, w_gate_EDF, policy=policy)) * einsum(
+        "nd,edf->nef", x_ND, w_up_EDF, policy=policy)
+    y_NED = einsum("nef,efd->ned", h_NEF, w_down_EFD, policy=policy)
+    return jnp.einsum("ned,ne->nd", y_NED, combine_NE, preferred_element_type=jnp.float32).astype(x_ND.dtype)
+
+
+EXPERT_FFNS = {"blocks": blocks_ffn, "ragged": ragged_ffn, "dense": dense_ffn}
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" → "blocks" on CPU, "ragged" elsewhere."""
+    if impl != "auto":
+        return impl
+    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+
+
+def expert_ffn(impl: str):
+    """The dispatch + expert FFN + combine function for a config's `moe_impl` (see the module docstring)."""
+    return EXPERT_FFNS[resolve_impl(impl)]
