@@ -34,7 +34,10 @@ class RopeScaling:
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # names; the jax policies are in model/transformer.py
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
 MATMUL_PRECISIONS = ("default", "fp8")
-FP8_IMPLS = ("blockwise", "dequant")
+FP8_IMPLS = ("blockwise", "dequant", "weight_only")  # weight_only: FP8-resident weights, bf16 compute
+# naive: float32 scores [B,H,T,S] (the reference); blockwise: online softmax, memory linear in T (plain JAX, every
+# backend); cudnn: jax.nn.dot_product_attention on GPU; splash: the Pallas splash kernel on TPU (training layout).
+ATTENTION_IMPLS = ("auto", "naive", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_BLOCK = 128  # weight blocks are FP8_BLOCK x FP8_BLOCK, activation tiles 1 x FP8_BLOCK (DESIGN.md §4)
 
@@ -90,7 +93,10 @@ class ModelConfig:
     moe_impl: str = "auto"  # one of MOE_IMPLS; "auto" = ragged_dot on GPU/TPU, tiled gather-matmul on CPU
     init_std: float = 0.006  # report §3: init std 0.006
     matmul_precision: str = "default"  # "fp8": FP8 block-scaled GEMMs for attention/MLP/expert projections
-    fp8_impl: str = "blockwise"  # "blockwise" (fp32 promotion per 128 of K) or "dequant" (one dot, same math)
+    fp8_impl: str = "blockwise"  # "blockwise" (fp32 promotion per 128 of K), "dequant" (one dot, same math), or
+    # "weight_only" (FP8-resident weights dequantised per 128×128 block, activations not quantised, bf16 compute)
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto" = naive while scores are small, else blockwise
+    attention_block: int = 512  # query/key block of the blockwise and kernel paths (splash: a multiple of 128)
 
     def __post_init__(self):
         validate(self)
@@ -137,7 +143,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> ModelConfig:
-        """Build from a HF `config.json` (a dict, the file, or the directory that holds it)."""
+        """Build from a HF `config.json` (a dict, the file, or the directory that holds it). dtype and param_dtype
+        follow the stored weights (`torch_dtype` / `dtype`, bf16 for FP8 checkpoints, float32 when unstated);
+        pass them as overrides to change that."""
         hf = _read_hf_json(path_or_dict)
         return dataclasses.replace(_from_hf_dict(hf), **overrides)
 
@@ -154,7 +162,7 @@ class ModelConfig:
 
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "moe_impl", "init_std", "matmul_precision",
-                  "fp8_impl")
+                  "fp8_impl", "attention_impl", "attention_block")
 _HF_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {*RUNTIME_FIELDS, "rope_scaling"}
 
 
@@ -190,7 +198,18 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
     kwargs["rope_scaling"] = _rope_from_hf(rope, hf)
     # Missing fields take HF DeepseekV3Config's defaults, as HF itself does.
     kwargs.setdefault("max_position_embeddings", 4096)
-    return ModelConfig(**kwargs, dtype="float32", param_dtype="float32")
+    dtype = _stored_dtype(hf)
+    return ModelConfig(**kwargs, dtype=dtype, param_dtype=dtype)
+
+
+def _stored_dtype(hf: dict) -> str:
+    """The precision the checkpoint's dense weights are stored in: bf16 for bf16 and FP8 checkpoints (an FP8
+    checkpoint keeps its embedding, head and norms in bf16), float16 / float32 when the config says so, float32
+    when it says nothing."""
+    if (hf.get("quantization_config") or {}).get("quant_method") == "fp8":
+        return "bfloat16"
+    name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
 
 
 def _check_supported(hf: dict) -> None:
@@ -264,8 +283,22 @@ def validate(c: ModelConfig) -> None:
     _require(c.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
              f"{c.matmul_precision!r} is not one of {MATMUL_PRECISIONS}")
     _require(c.fp8_impl in FP8_IMPLS, "fp8_impl", f"{c.fp8_impl!r} is not one of {FP8_IMPLS}")
+    _require(not (c.fp8_impl == "weight_only" and c.matmul_precision == "fp8"), "fp8_impl",
+             "weight_only computes in bf16 from FP8-resident weights (inference); FP8 training GEMMs "
+             "(matmul_precision='fp8') need 'blockwise' or 'dequant'")
+    _validate_attention(c)
     _require(0 <= c.bos_token_id < c.vocab_size, "bos_token_id", f"{c.bos_token_id} outside [0, {c.vocab_size})")
     _require(0 <= c.eos_token_id < c.vocab_size, "eos_token_id", f"{c.eos_token_id} outside [0, {c.vocab_size})")
+
+
+def _validate_attention(c: ModelConfig) -> None:
+    _require(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
+             f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    block = c.attention_block
+    _require(isinstance(block, int) and not isinstance(block, bool) and block >= 8 and block % 8 == 0,
+             "attention_block", f"must be a positive multiple of 8, got {block!r}")
+    _require(c.attention_impl != "splash" or block % 128 == 0, "attention_block",
+             f"the splash kernel needs a multiple of 128, got {block}")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -186,7 +186,6 @@ def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, fl
     from dsv3_jax.model.attention import MLA
     from dsv3_jax.model.layers import MLP
     from dsv3_jax.model.moe import MoE
-    from dsv3_jax.model.transformer import causal_mask
 
     def layer0(tree: dict) -> dict:
         return jax.tree_util.tree_map(lambda a: a[0], tree)
@@ -194,9 +193,8 @@ def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, fl
     p, r = variables["params"], variables["router"]
     x = jax.random.normal(jax.random.key(0), (args.batch, args.seq, config.hidden_size), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
-    mask = causal_mask(pos)
     fns = {
-        "mla": (jax.jit(lambda v, x: MLA(config).apply(v, x, pos, mask)),
+        "mla": (jax.jit(lambda v, x: MLA(config).apply(v, x, pos)),
                 {"params": layer0(p["moe_layers"]["layers"]["attn"])}),
         "moe": (jax.jit(lambda v, x: MoE(config).apply(v, x)),
                 layer0({"params": p["moe_layers"]["layers"]["moe"], "router": r["moe_layers"]["layers"]["moe"]})),

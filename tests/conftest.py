@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on the CPU; with libtpu installed (the TPU-compile tests) jax would otherwise probe for a TPU at
+# start-up and print warnings. Abstract TPU topologies still work under JAX_PLATFORMS=cpu (DESIGN.md §8).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 

@@ -440,5 +440,9 @@ def test_cli_convert_and_export(fx, tmp_path, capsys):
     assert "B/s" in err and "peak RSS" in err and "tensors" in err
     assert run("export", tmp_path / "out", tmp_path / "hf", "--weights", "fp8", "--max-shard-bytes", "1M") == 0
     assert len(glob.glob(str(tmp_path / "hf" / "model-*.safetensors"))) > 1
-    assert run("convert", fx.directory, tmp_path / "out") == 1
+    with pytest.raises(ConvertError, match="already exists"):  # bad input: the CLI boundary reports it, exit 2
+        run("convert", fx.directory, tmp_path / "out")
+    from dsv3_jax.cli import main
+
+    assert main(["convert", str(fx.directory), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from dsv3_jax.ckpt.hf import load_hf_directory
 from dsv3_jax.model import layers, rope
 from dsv3_jax.model.attention import MLA
 from dsv3_jax.model.moe import MoE, route
-from dsv3_jax.model.transformer import DecoderLayer, causal_mask
+from dsv3_jax.model.transformer import DecoderLayer
 
 LOGIT_TOL = 1e-4
 ACT_TOL = 1e-5
@@ -37,9 +37,9 @@ def _hidden(config, seed=0, batch=2, seq=SEQ):
     return np.random.RandomState(seed).randn(batch, seq, config.hidden_size).astype(np.float32)
 
 
-def _positions_and_mask(batch, seq):
+def _positions(batch, seq):
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-    return positions, causal_mask(positions)
+    return positions
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
@@ -116,8 +116,8 @@ def test_attention_matches_hf(loaded, name):
     hf_model, config, variables = loaded[name]
     x = _hidden(config)
     layer_vars, _ = layer_variables(config, variables, 0)
-    positions, mask = _positions_and_mask(*x.shape[:2])
-    got = MLA(config).apply({"params": layer_vars["params"]["attn"]}, x, positions, mask)
+    positions = _positions(*x.shape[:2])
+    got = MLA(config).apply({"params": layer_vars["params"]["attn"]}, x, positions)
     xt = to_torch(x)
     pos_emb, _ = hf_position_embeddings(hf_model, xt)
     with torch.no_grad():
@@ -164,12 +164,12 @@ def test_moe_matches_hf(loaded, name, impl):
 def test_decoder_blocks_match_hf(loaded, name):
     hf_model, config, variables = loaded[name]
     x = _hidden(config, seed=6)
-    positions, mask = _positions_and_mask(*x.shape[:2])
+    positions = _positions(*x.shape[:2])
     xt = to_torch(x)
     pos_emb, pos_ids = hf_position_embeddings(hf_model, xt)
     for i in (0, config.num_hidden_layers - 1):
         layer_vars, use_moe = layer_variables(config, variables, i)
-        got, _ = DecoderLayer(config, use_moe).apply(layer_vars, x, positions, mask)
+        got, _ = DecoderLayer(config, use_moe).apply(layer_vars, x, positions)
         with torch.no_grad():
             expected = hf_model.model.layers[i](xt, attention_mask=causal_additive_mask(*x.shape[:2]),
                                                 position_ids=pos_ids, position_embeddings=pos_emb)

@@ -270,9 +270,37 @@ def _read_scale(entry: Entry, source: Source) -> np.ndarray:
     return scale
 
 
+# dtype → (unsigned view, mask, value): an element is NaN or Inf exactly when `bits & mask == value`
+_NONFINITE_BITS = {"float64": (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000),
+                   "float32": (np.uint32, 0x7F800000, 0x7F800000), "float16": (np.uint16, 0x7C00, 0x7C00),
+                   "bfloat16": (np.uint16, 0x7F80, 0x7F80), "float8_e4m3fn": (np.uint8, 0x7F, 0x7F),
+                   "float8_e5m2": (np.uint8, 0x7C, 0x7C)}
+_CHUNK = 1 << 22  # elements per pass: the temporaries stay a few MB whatever the tensor size
+
+
+def count_nonfinite(arr: np.ndarray) -> int:
+    """How many elements of a float array are NaN or Inf (0 for other dtypes), from the exponent bits, in chunks."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    spec = _NONFINITE_BITS.get(flat.dtype.name)
+    if spec is None and not np.issubdtype(flat.dtype, np.inexact):
+        return 0
+    bad = 0
+    for start in range(0, flat.size, _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        if spec is None:
+            bad += chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
+        else:
+            bad += int(np.count_nonzero((chunk.view(spec[0]) & spec[1]) == spec[2]))
+    return bad
+
+
 def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, interleaved: bool):
-    """One HF tensor → its value in our layout ([in, out]) and the slot's dtype (or a QuantArray); bytes read."""
+    """One HF tensor → its value in our layout ([in, out]) and the slot's dtype (or a QuantArray); bytes read.
+    NaN / Inf values are refused (ConvertError naming the tensor and file) unless `source.allow_nonfinite`."""
     raw = source.read(entry.hf_name)
+    if not getattr(source, "allow_nonfinite", False) and (bad := count_nonfinite(raw)):
+        raise ConvertError(f"{source.where(entry.hf_name)}: tensor {entry.hf_name} holds {bad} non-finite (NaN/Inf) "
+                           f"value(s) of {raw.size}; pass allow_nonfinite=True (--allow-nonfinite) to accept them")
     scale = _read_scale(entry, source) if raw.dtype == np.dtype(jnp.float8_e4m3fn) else None
     nbytes = raw.nbytes + (0 if scale is None else scale.nbytes)
     rope = entry.rope is not None and not interleaved

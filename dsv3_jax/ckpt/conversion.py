@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -27,6 +28,7 @@ from dsv3_jax.ckpt.store import (
     VERSION,
     BlockWriter,
     atomic_directory,
+    check_output,
     hf_config_with_section,
     write_json,
 )
@@ -59,6 +61,21 @@ class Summary:
                 f"{self.seconds:.1f} s ({rate:.2f} GB/s), peak RSS {self.peak_rss / 1e9:.2f} GB")
 
 
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json")  # travel with the weights through convert and export
+
+
+def carry_side_files(src_dir: str | os.PathLike, dst_dir: str) -> list[str]:
+    """Copy the tokenizer, chat template and generation config files that `src_dir` has into `dst_dir`."""
+    copied = []
+    for name in SIDE_FILES:
+        path = os.path.join(os.fspath(src_dir), name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
 def progress_bar(total_bytes: int, label: str, stream: TextIO | None) -> tqdm:
     """Bytes read or written so far, rate and ETA on stderr (tqdm)."""
     return tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True, file=stream or sys.stderr, mininterval=1.0)
@@ -76,28 +93,30 @@ def _block_tensors(block, source: Source) -> dict[str, str]:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16", *,
             config: str | os.PathLike | ModelConfig | None = None, progress: bool = True,
-            stream: TextIO | None = None) -> Summary:
+            stream: TextIO | None = None, allow_nonfinite: bool = False) -> Summary:
     """Convert a checkpoint at `src` into a new directory `out` (which must not exist); returns a Summary.
 
     weights: "fp32" / "bf16" (FP8 sources dequantised exactly, W = q · s[i//128, j//128], then rounded), or "fp8"
     (FP8 kept with its block scales as QuantArray; a bf16/fp32 source is quantised in 128×128 blocks).
     config: a config.json path (HF or the official repository's format) or a ModelConfig; default
     `config.json` next to the source. The MTP layer (index num_hidden_layers) becomes `mtp_0`.
+    A tensor holding NaN or Inf is refused (ConvertError naming it and its file) unless `allow_nonfinite`.
+    Ctrl-C waits for the block being written, then removes the temporary output; stale temporary outputs of dead
+    runs next to `out` are removed first (and named on `stream`).
     """
     if weights not in WEIGHTS:
         raise ConvertError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    out = os.path.abspath(os.fspath(out))
-    if os.path.lexists(out):
-        raise ConvertError(f"{out}: output already exists; choose a new path or remove it first")
+    out = check_output(out)
     start = time.perf_counter()
     with open_source(src, config) as (source, model_config, interleaved, kind):
+        source.allow_nonfinite = allow_nonfinite  # read by blocks.convert_entry
         blocks = plan_blocks(model_config, source.names())
         abstract = abstract_tree(model_config, weights)
         check_source(blocks, source, abstract)
         total = sum(source.nbytes(n) for b in blocks for n in _block_tensors(b, source))
         bar = progress_bar(total, "convert", stream) if progress else None
         records, read, written, tensors = [], 0, 0, 0
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, log=lambda line: print(line, file=stream or sys.stderr)) as tmp:
             writer = BlockWriter(tmp)
             try:
                 for block in blocks:
@@ -118,6 +137,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16
                         "tensors": tensors, "bytes_read": read, "bytes_written": written}
             write_json(os.path.join(tmp, "config.json"), hf_config_with_section(model_config, weights))
             write_json(os.path.join(tmp, MANIFEST), manifest)
+            carry_side_files(src if os.path.isdir(src) else os.path.dirname(os.fspath(src)), tmp)
         if bar:
             bar.close()
     summary = Summary("convert", out, len(blocks), tensors, read, written, time.perf_counter() - start,

@@ -29,10 +29,17 @@ from dsv3_jax.ckpt.blocks import (
     plan_blocks,
     quantize_fp8,
 )
-from dsv3_jax.ckpt.conversion import Summary, peak_rss_bytes, progress_bar
+from dsv3_jax.ckpt.conversion import Summary, carry_side_files, peak_rss_bytes, progress_bar
 from dsv3_jax.ckpt.names import Entry
 from dsv3_jax.ckpt.safetensors import DTYPES, write_sharded
-from dsv3_jax.ckpt.store import atomic_directory, read_block, read_manifest, write_json
+from dsv3_jax.ckpt.store import (
+    atomic_directory,
+    check_output,
+    os_error_of,
+    read_block,
+    read_manifest,
+    write_json,
+)
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ConvertError, SafetensorsError
 from dsv3_jax.quant.fp8 import FP8_WEIGHT_NAMES, QuantArray
@@ -73,8 +80,10 @@ def _value(tree: Tree, block: Block, entry: Entry):
 class _Exporter:
     """Yields (HF name, array) for every block of a converted checkpoint, reading one block at a time."""
 
-    def __init__(self, path: str, manifest: dict, config: ModelConfig, weights: str, bar: tqdm | None):
+    def __init__(self, path: str, manifest: dict, config: ModelConfig, weights: str, bar: tqdm | None,
+                 allow_nonfinite: bool = False):
         self.path, self.manifest, self.weights, self.bar = path, manifest, weights, bar
+        self.allow_nonfinite = allow_nonfinite
         self.abstract = abstract_tree(config.replace(param_dtype="float32"), manifest["weights"])
         self.records = {r["name"]: r for r in manifest["blocks"]}
         self.dtypes = {k: v for r in manifest["blocks"] for k, v in r.get("hf_dtypes", {}).items()}
@@ -85,8 +94,11 @@ class _Exporter:
         if missing:
             raise ConvertError(f"{path}: manifest lacks blocks {missing[:5]}")
 
+    def _read(self, block: Block) -> Tree:
+        return read_block(self.path, block, block.target(self.abstract), allow_nonfinite=self.allow_nonfinite)
+
     def _tensors(self, block: Block) -> Iterator[tuple[str, np.ndarray]]:
-        tree = read_block(self.path, block, block.target(self.abstract))
+        tree = self._read(block)
         for entry in block.entries:
             yield from export_entry(entry, _value(tree, block, entry), self.weights, self.dtypes.get(entry.hf_name))
 
@@ -94,7 +106,7 @@ class _Exporter:
         for block in self.blocks:
             for entry in block.entries:
                 if entry.hf_name == name:
-                    tree = read_block(self.path, block, block.target(self.abstract))
+                    tree = self._read(block)
                     return export_entry(entry, _value(tree, block, entry), self.weights, self.dtypes.get(name))[0][1]
         raise ConvertError(f"{self.path}: no block holds {name}")
 
@@ -113,25 +125,40 @@ class _Exporter:
                 self.bar.update(self.records[block.name]["bytes"])
 
 
+def _write_shards(exporter: _Exporter, tmp: str, max_shard_bytes: int) -> dict[str, str]:
+    """write_sharded, its failures as ConvertError or (disk full, read-only, ...) OSError."""
+    try:
+        return write_sharded(exporter, tmp, max_shard_bytes, metadata={"format": "pt"})
+    except (OSError, ConvertError):
+        raise
+    except Exception as e:  # SafetensorsError, or the safetensors library's own errors
+        cause = os_error_of(e)
+        if cause is not None:
+            raise OSError(cause.errno, f"{cause.strerror} while writing shards", tmp) from e
+        if isinstance(e, SafetensorsError):
+            raise ConvertError(str(e)) from e
+        raise
+
+
 def export(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16", *,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, stream: TextIO | None = None) -> Summary:
-    """Write the converted checkpoint `src` as a HF DeepseekV3 directory `out` (which must not exist)."""
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, stream: TextIO | None = None,
+           allow_nonfinite: bool = False) -> Summary:
+    """Write the converted checkpoint `src` as a HF DeepseekV3 directory `out` (which must not exist). Blocks
+    holding NaN / Inf are refused unless `allow_nonfinite`; a failed write (disk full, ...) leaves no `out`."""
     if weights not in EXPORT_WEIGHTS:
         raise ConvertError(f"export weights must be one of {EXPORT_WEIGHTS}, got {weights!r}")
-    src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
+    src, out = os.path.abspath(os.fspath(src)), check_output(out)
     start = time.perf_counter()
     manifest, config = read_manifest(src)
     bar = progress_bar(manifest["bytes_written"], "export", stream) if progress else None
-    exporter = _Exporter(src, manifest, config, weights, bar)
-    with atomic_directory(out) as tmp:
-        try:
-            weight_map = write_sharded(exporter, tmp, max_shard_bytes, metadata={"format": "pt"})
-        except SafetensorsError as e:
-            raise ConvertError(str(e)) from e
+    exporter = _Exporter(src, manifest, config, weights, bar, allow_nonfinite)
+    with atomic_directory(out, log=lambda line: print(line, file=stream or sys.stderr)) as tmp:
+        weight_map = _write_shards(exporter, tmp, max_shard_bytes)
         hf = {**config.to_hf_config(), "torch_dtype": "bfloat16"}
         if weights == "fp8":
             hf["quantization_config"] = QUANTIZATION_CONFIG
         write_json(os.path.join(tmp, "config.json"), hf)
+        carry_side_files(src, tmp)
     if bar:
         bar.close()
     written = sum(os.path.getsize(os.path.join(out, f)) for f in set(weight_map.values()))

@@ -1,6 +1,9 @@
-"""Dependency-light reading and writing of safetensors files and HF checkpoint directories.
+"""Reading (our own) and writing (the `safetensors` library's) of safetensors files and HF checkpoint directories.
 
-Pure numpy + ml_dtypes: no torch, no ``safetensors`` package. The on-disk format is
+Why an own reader: `safetensors.numpy` cannot load F8_E4M3 tensors into numpy (it looks for
+``numpy.float8_e4m3fn``, which numpy lacks), and the released DeepSeek-V3 checkpoint is F8_E4M3. This reader is
+numpy + ml_dtypes, zero-copy and strict about headers. Writing goes through `safetensors.numpy.save_file`, which
+does write BF16 and F8_E4M3 arrays. The on-disk format is
 ``[u64 little-endian header length N][N bytes of UTF-8 JSON header][raw tensor bytes]``; every
 header entry is ``{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}`` with
 offsets in bytes relative to the start of the data region (byte ``8 + N`` of the file).
@@ -19,6 +22,7 @@ import json
 import math
 import mmap
 import os
+import pathlib
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +31,7 @@ from typing import IO, Any
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy as st_numpy
 
 from dsv3_jax.errors import SafetensorsError
 
@@ -147,6 +152,26 @@ def _check_entry(name: str, entry: object, path: str, data_size: int) -> None:
         )
 
 
+def _check_layout(header: dict[str, dict[str, Any]], path: str, data_size: int) -> None:
+    """The tensors must tile the data region exactly, as the format (and the reference library) requires: taken in
+    offset order, the first begins at data byte 0, each begins where the previous ends (no overlap, no gap), and
+    the last ends at the end of the file."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items())
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise SafetensorsError(f"{path}: tensor {name!r} (data bytes [{begin}, {end}]) overlaps tensor {prev!r} "
+                                   f"(which ends at data byte {pos})")
+        if begin > pos:
+            after = f"tensor {prev!r} ends at data byte {pos}" if prev else "the data region starts at byte 0"
+            raise SafetensorsError(f"{path}: {begin - pos} unused bytes before tensor {name!r} (data bytes "
+                                   f"[{begin}, {end}]): {after}; tensors must be contiguous")
+        pos, prev = end, name
+    if pos != data_size:
+        raise SafetensorsError(f"{path}: {data_size - pos} bytes after the last tensor ({prev!r} ends at data byte "
+                               f"{pos} of {data_size}); the file is longer than its header says")
+
+
 def _parse_header(f: IO[bytes], path: str) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
     """Parse and validate the header of open file ``f``; returns (tensors, metadata, data_start byte offset)."""
     file_size = os.fstat(f.fileno()).st_size
@@ -158,6 +183,7 @@ def _parse_header(f: IO[bytes], path: str) -> tuple[dict[str, dict[str, Any]], d
     data_start = _HEADER_LEN_BYTES + n
     for name, entry in header.items():
         _check_entry(name, entry, path, file_size - data_start)
+    _check_layout(header, path, file_size - data_start)
     return header, metadata, data_start
 
 
@@ -270,8 +296,8 @@ def _tensor_spec(name: object, tensor: Any, path: str) -> tuple[str, tuple[int, 
     return _dtype_name(tensor.dtype, name, path), tuple(int(d) for d in tensor.shape)
 
 
-def _tensor_bytes(name: str, tensor: Any, spec: tuple[str, tuple[int, ...]], path: str) -> np.ndarray:
-    """Contiguous little-endian bytes of ``tensor`` as a flat uint8 array (a view when already contiguous LE)."""
+def _little_endian(name: str, tensor: Any, spec: tuple[str, tuple[int, ...]], path: str) -> np.ndarray:
+    """``tensor`` as a contiguous little-endian numpy array of the dtype and shape its spec promised."""
     arr = np.asarray(tensor)
     dtype, shape = spec
     if _dtype_name(arr.dtype, name, path) != dtype or arr.shape != shape:
@@ -280,7 +306,7 @@ def _tensor_bytes(name: str, tensor: Any, spec: tuple[str, tuple[int, ...]], pat
         )
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return np.require(arr, requirements="C")  # keeps 0-d arrays 0-d (np.ascontiguousarray does not)
 
 
 def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, str]:
@@ -289,19 +315,6 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: str) -> dict[str, 
         if not (isinstance(k, str) and isinstance(v, str)):
             raise SafetensorsError(f"{path}: metadata must map str -> str, found {k!r}: {v!r}")
     return metadata
-
-
-def _build_header(specs: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """Header bytes (JSON space-padded to a multiple of 8) for tensors laid out in sorted-name order."""
-    header: dict[str, Any] = {_METADATA_KEY: metadata} if metadata else {}
-    offset = 0
-    for name in sorted(specs):
-        dtype, shape = specs[name]
-        nbytes = DTYPES[dtype].itemsize * math.prod(shape)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -319,17 +332,18 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _atomic_write(path: str, write: Any) -> None:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
+    """Call ``write(tmp_path)`` for a temp file next to ``path``, fsync it, then rename it onto ``path``.
 
     On any exception the temp file is removed and ``path`` is left untouched.
     """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -338,25 +352,24 @@ def _atomic_write(path: str, write: Any) -> None:
     _fsync_dir(directory)
 
 
-def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Atomically write ``tensors`` (name -> array) to a safetensors file at ``path``.
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    Tensors are laid out in sorted-name order as contiguous little-endian bytes. Each value needs
-    ``.dtype``/``.shape``; its data is converted with ``np.asarray`` only when its bytes are written,
-    one tensor at a time (so lazy/device arrays are streamed, never concatenated). ``metadata`` is
-    stored as the header's ``__metadata__`` (str -> str). No partial file is ever left at ``path``.
+
+def save_file(tensors: Mapping[str, Any], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` (name -> array) to a safetensors file at ``path`` (mode per the umask).
+
+    Names, dtypes and metadata are checked here (errors name the file and tensor); the bytes are written by the
+    `safetensors` library (`safetensors.numpy.save_file`, which writes BF16 and F8_E4M3 arrays too). Values need
+    ``.dtype``/``.shape`` and are converted with ``np.asarray``. No partial file is ever left at ``path``.
     """
     path = os.path.abspath(os.fspath(path))
     specs = {name: _tensor_spec(name, t, path) for name, t in tensors.items()}
-    header = _build_header(specs, _check_metadata(metadata, path))
-
-    def write(f: IO[bytes]) -> None:
-        f.write(len(header).to_bytes(_HEADER_LEN_BYTES, "little"))
-        f.write(header)
-        for name in sorted(specs):
-            f.write(_tensor_bytes(name, tensors[name], specs[name], path).data)
-
-    _atomic_write(path, write)
+    meta = _check_metadata(metadata, path)
+    arrays = {name: _little_endian(name, tensors[name], specs[name], path) for name in specs}
+    _atomic_write(path, lambda tmp: st_numpy.save_file(arrays, tmp, metadata=meta or None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +525,7 @@ def _write_index(directory: str, weight_map: dict[str, str], metadata: dict[str,
     """Atomically write ``model.safetensors.index.json``."""
     index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
     data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
-    _atomic_write(os.path.join(directory, INDEX_NAME), lambda f: f.write(data))
+    _atomic_write(os.path.join(directory, INDEX_NAME), lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def _write_temp_shards(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dsv3_jax.ckpt.blocks import WEIGHTS
 from dsv3_jax.ckpt.export import DEFAULT_SHARD_BYTES, EXPORT_WEIGHTS
@@ -18,36 +17,34 @@ def parse_bytes(text: str) -> int:
     unit = lowered[len(digits):]
     if unit not in _UNITS or not digits:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5000000, 500M, 5G, 2GiB)")
-    value = int(float(digits) * _UNITS[unit])
+    try:
+        value = int(float(digits) * _UNITS[unit])
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5000000, 500M, 5G, 2GiB)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
     return value
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a HF / official mp / .pt checkpoint into a dsv3-jax block checkpoint."""
+    """Convert a HF / official mp / .pt checkpoint into a dsv3-jax block checkpoint (errors: `dsv3_jax.cli.main`)."""
     from dsv3_jax.ckpt import convert
-    from dsv3_jax.errors import ConvertError
 
-    try:
-        convert(args.src, args.out, args.weights, config=args.config, progress=not args.quiet)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    convert(args.src, args.out, args.weights, config=args.config, progress=not args.quiet,
+            allow_nonfinite=args.allow_nonfinite)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a dsv3-jax block checkpoint back as HF safetensors shards."""
+    """Write a dsv3-jax block checkpoint back as HF safetensors shards (errors: `dsv3_jax.cli.main`)."""
     from dsv3_jax.ckpt import export
-    from dsv3_jax.errors import ConvertError
 
-    try:
-        export(args.src, args.out, args.weights, max_shard_bytes=args.max_shard_bytes, progress=not args.quiet)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    export(args.src, args.out, args.weights, max_shard_bytes=args.max_shard_bytes, progress=not args.quiet,
+           allow_nonfinite=args.allow_nonfinite)
     return 0
+
+
+_NONFINITE_HELP = "accept weights holding NaN or Inf (refused by default, naming the tensor)"
 
 
 def register(subparsers) -> None:
@@ -59,6 +56,7 @@ def register(subparsers) -> None:
                       help="fp8 keeps FP8 weights with their 128x128 scales; bf16/fp32 dequantise (default bf16)")
     conv.add_argument("--config", default=None, help="config.json (HF or official format); default: next to SRC")
     conv.add_argument("--quiet", action="store_true", help="no progress line or summary")
+    conv.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
     conv.set_defaults(func=cmd_convert)
     exp = subparsers.add_parser("export", help="dsv3-jax block checkpoint → HF safetensors directory")
     exp.add_argument("src", help="a directory written by `dsv3 convert`")
@@ -68,4 +66,5 @@ def register(subparsers) -> None:
     exp.add_argument("--max-shard-bytes", type=parse_bytes, default=DEFAULT_SHARD_BYTES,
                      help="largest shard, e.g. 5G (default 5e9 bytes)")
     exp.add_argument("--quiet", action="store_true", help="no progress line or summary")
+    exp.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
     exp.set_defaults(func=cmd_export)

@@ -9,12 +9,16 @@ import os
 
 def _config_from(spec: str):
     from dsv3_jax.config import PRESETS, ModelConfig
+    from dsv3_jax.errors import ConfigError
 
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
     if os.path.exists(spec):
-        return ModelConfig.from_hf_config(spec)
-    raise SystemExit(f"error: {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config path")
+        try:
+            return ModelConfig.from_hf_config(spec)
+        except ConfigError as e:
+            raise ConfigError(str(e) if spec in str(e) else f"{spec}: {e}") from None
+    raise ConfigError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config path")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 from dsv3_jax.config import PRESETS, ModelConfig
 from dsv3_jax.errors import ConfigError, PlanError
+from dsv3_jax.plan.aot import DEFAULT_PREFILL_CHUNK, PROGRAMS, Program, compile_program, require_fit
 from dsv3_jax.plan.chips import CHIPS
 from dsv3_jax.plan.counts import WEIGHT_MODES
 from dsv3_jax.plan.planner import MODES, MOE_IMPLS, MOMENT_DTYPES, REMATS, plan
@@ -47,10 +48,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, config_required: bool = Tr
     parser.add_argument("--no-mtp", action="store_true", help="leave the MTP module out")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--png", default=None, metavar="PATH", help="stacked bar of the per-device memory")
+    parser.add_argument("--compile", default=None, metavar="TOPOLOGY",
+                        help="compile the real program for this TPU slice (e.g. v5p:4x4x4; needs libtpu) and print "
+                             "XLA's per-device memory beside the planner's")
+    parser.add_argument("--program", choices=PROGRAMS, default="prefill", help="with --compile: what to compile")
+    parser.add_argument("--layers", type=int, default=None, help="with --compile: this many layers, same widths")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help="with --compile --program prefill: prompt tokens per step")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Run the planner from parsed arguments; prints a table (or JSON), optionally writes a PNG."""
+    if args.compile:
+        try:
+            return cmd_compile(args)
+        except PlanError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         config, name = load_config(args.config)
         p = plan(config, weights=args.weights, mode=args.mode, batch=args.batch, seq=args.seq, layout=args.mesh,
@@ -63,6 +77,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.png:
         save_png(p, args.png)
         print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """`--compile TOPOLOGY`: compile the program for the slice (plan.aot); exit 2 with the shortfall if it does not
+    fit."""
+    config, name = load_config(args.config)
+    if args.mesh is None:
+        raise PlanError("mesh: --compile needs --mesh LAYOUT (a layout of sharding/layouts.toml)")
+    program = Program(args.program, args.batch, args.seq, "bf16" if args.program == "train" else args.weights,
+                      args.prefill_chunk)
+    result = compile_program(config, program, args.compile, args.mesh, layers=args.layers, config_name=name)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    require_fit(result)
     return 0
 
 
@@ -89,3 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0
     return cmd_plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

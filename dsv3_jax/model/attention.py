@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import flash
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.layers import constrain, rms_norm, weight
 from dsv3_jax.model.rope import apply_rotary, rotary_tables, softmax_scale
@@ -49,15 +50,16 @@ class MLA(nn.Module):
         return rms_norm(ckv_BTC, kv_norm, c.rms_norm_eps), kpe_BTR
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-        """x [B,T,D], positions [B,T] int, mask [B,T,S] bool (True = may attend) → [B,T,D]."""
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """x [B,T,D], positions [B,T] int → [B,T,D]. A query sees every key at a position ≤ its own (keys are the
+        same tokens while training and prefilling, the cache slots 0..position while decoding)."""
         c = self.config
         b, t, _ = x_BTD.shape
         h, n, u = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
         wkv_b = weight(self, "wkv_b", (c.kv_lora_rank, h * (n + u)), ("kv_lora", "kv_heads"), c)
         wo = weight(self, "wo", (h * u, c.hidden_size), ("o_heads", "embed"), c)
         if self.cache_len:
-            return self._decode(x_BTD, positions_BT, mask_BTS, wkv_b, wo)
+            return self._decode(x_BTD, positions_BT, wkv_b, wo)
 
         with jax.named_scope("mla_project"):
             q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
@@ -72,7 +74,7 @@ class MLA(nn.Module):
             q_BTHK = jnp.concatenate([qnope_BTHN, qpe_BTHR], axis=-1)
             k_BSHK = jnp.concatenate([knope_BSHN, jnp.broadcast_to(kpe_BSR[:, :, None], (b, t, h, kpe_BSR.shape[-1]))],
                                      axis=-1)
-            out_BTHU = attend(q_BTHK, k_BSHK, v_BSHU, mask_BTS, softmax_scale(c))
+            out_BTHU = attention(q_BTHK, k_BSHK, v_BSHU, positions_BT, positions_BT, c)
         return self._output(out_BTHU, wo)
 
     def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
@@ -81,10 +83,10 @@ class MLA(nn.Module):
         return constrain(out_BTD, ("act_batch", "act_seq", "act_embed"))
 
 
-    def _decode(self, x_BTD, positions_BT, mask_BTS, wkv_b, wo) -> jax.Array:
+    def _decode(self, x_BTD, positions_BT, wkv_b, wo) -> jax.Array:
         """Absorbed attention: write (c_kv, rotated k_pe) of the new tokens at their positions, attend the cache.
 
-        mask_BTS has S = cache_len slots; slot s holds the token at position s of that row.
+        The cache has S = cache_len slots; slot s holds the token at position s of that row.
         """
         c = self.config
         b, t, _ = x_BTD.shape
@@ -100,7 +102,8 @@ class MLA(nn.Module):
             qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHJ[..., :n])
             q_BTHK = jnp.concatenate([qlat_BTHC, qpe_BTHR.astype(qlat_BTHC.dtype)], axis=-1)
             k_BSK = jnp.concatenate([ckv_BSC, kpe_BSR], axis=-1)  # one latent "head" shared by every query head
-            olat_BTHC = attend(q_BTHK, k_BSK, ckv_BSC, mask_BTS, softmax_scale(c))
+            slots_BS = jnp.broadcast_to(jnp.arange(self.cache_len, dtype=jnp.int32), (b, self.cache_len))
+            olat_BTHC = attention(q_BTHK, k_BSK, ckv_BSC, positions_BT, slots_BS, c)
             out_BTHU = einsum("bthc,chu->bthu", olat_BTHC, wkv_CHJ[..., n:])
         return self._output(out_BTHU, wo)
 
@@ -114,13 +117,40 @@ class MLA(nn.Module):
         return ckv.value, kpe.value
 
 
-def attend(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
-    """softmax(scale · q·k masked) · v with float32 scores and softmax → [B,T,H,U].
+NAIVE_MAX_SCORES = 1 << 20  # "auto": T·S up to this many scores per head use the naive path
+
+
+def resolve_attention_impl(config: ModelConfig, t: int, s: int) -> str:
+    """The implementation `attention` runs for T queries over S keys: the config's, or for "auto" naive while
+    T·S ≤ NAIVE_MAX_SCORES (small scores: one fused pass is fastest) and blockwise beyond (memory linear in T)."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    return "naive" if t * s <= NAIVE_MAX_SCORES else "blockwise"
+
+
+def attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, qpos_BT: jax.Array, kpos_BS: jax.Array,
+              config: ModelConfig) -> jax.Array:
+    """The one attention core the model calls: query t sees key s iff kpos[b,s] <= qpos[b,t] → [B,T,H,U].
 
     q concatenates the no-rope and rotary parts ([q_nope; q_pe], or [q_latent; q_pe] on the absorbed path) so one
     contraction gives q_nope·k_nope + q_pe·k_pe. Keys/values without a head axis ([B,S,K], [B,S,U]) are shared
-    by every query head (the absorbed path).
+    by every query head (the absorbed path). Scores and softmax in float32 whatever the implementation.
     """
+    impl = resolve_attention_impl(config, q_BTHK.shape[1], k_BSHK.shape[1])
+    scale, block = softmax_scale(config), config.attention_block
+    if impl == "naive":
+        return naive_attention(q_BTHK, k_BSHK, v_BSHU, kpos_BS[:, None, :] <= qpos_BT[:, :, None], scale)
+    if impl == "blockwise":
+        return flash.blockwise_attention(q_BTHK, k_BSHK, v_BSHU, qpos_BT, kpos_BS, scale, block_q=block,
+                                         block_k=block)
+    if impl == "cudnn":
+        return flash.dot_product_attention_gpu(q_BTHK, k_BSHK, v_BSHU, qpos_BT, kpos_BS, scale)
+    return flash.splash_attention_tpu(q_BTHK, k_BSHK, v_BSHU, qpos_BT, kpos_BS, scale, block_q=block, block_k=block)
+
+
+def naive_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mask_BTS: jax.Array,
+                    scale: float) -> jax.Array:
+    """softmax(scale · q·k masked) · v with float32 scores [B,H,T,S] and softmax → [B,T,H,U] (the reference)."""
     k_eq = "bsk" if k_BSHK.ndim == 3 else "bshk"
     v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
     scores_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)

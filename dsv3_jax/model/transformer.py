@@ -29,10 +29,10 @@ class DecoderLayer(nn.Module):
     cache_len: int = 0
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array):
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
         c = self.config
         h_BTD = RMSNorm(c, c.hidden_size, name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + MLA(c, self.cache_len, name="attn")(h_BTD, positions_BT, mask_BTS)
+        x_BTD = x_BTD + MLA(c, self.cache_len, name="attn")(h_BTD, positions_BT)
         h_BTD = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_BTD)
         ffn = MoE(c, name="moe") if self.use_moe else MLP(c, c.intermediate_size, name="mlp")
         x_BTD = constrain(x_BTD + ffn(h_BTD), ("act_batch", "act_seq", "act_embed"))
@@ -54,19 +54,19 @@ class LayerStack(nn.Module):
     cache_len: int = 0
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
         layer_cls = _layer_class(self.config)
         if not self.config.scan_layers:
             for i in range(self.count):
                 x_BTD, _ = layer_cls(self.config, self.use_moe, self.cache_len, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_BTS)
+                    x_BTD, positions_BT)
             return x_BTD
         scanned = nn.scan(
-            layer_cls, length=self.count, in_axes=(nn.broadcast, nn.broadcast),
+            layer_cls, length=self.count, in_axes=(nn.broadcast,),
             variable_axes={"params": 0, ROUTER_COLLECTION: 0, STATS_COLLECTION: 0, CACHE_COLLECTION: 0},
             split_rngs={"params": True}, metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_BTD, _ = scanned(self.config, self.use_moe, self.cache_len, name="layers")(x_BTD, positions_BT, mask_BTS)
+        x_BTD, _ = scanned(self.config, self.use_moe, self.cache_len, name="layers")(x_BTD, positions_BT)
         return x_BTD
 
 
@@ -77,25 +77,20 @@ class MTPLayer(nn.Module):
     cache_len: int = 0
 
     @nn.compact
-    def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array):
+    def __call__(self, h_BTD: jax.Array, emb_BTD: jax.Array, positions_BT: jax.Array):
         c = self.config
         eh_proj = weight(self, "eh_proj", (2 * c.hidden_size, c.hidden_size), ("mtp_concat", "embed"), c)
         joined = jnp.concatenate([RMSNorm(c, c.hidden_size, name="enorm")(emb_BTD),
                                   RMSNorm(c, c.hidden_size, name="hnorm")(h_BTD)], axis=-1)
         x_BTD = einsum("btk,kd->btd", joined, eh_proj)
         use_moe = c.num_hidden_layers >= c.first_k_dense_replace and c.n_routed_experts > 0
-        x_BTD, _ = _layer_class(c)(c, use_moe, self.cache_len, name="block")(x_BTD, positions_BT, mask_BTS)
+        x_BTD, _ = _layer_class(c)(c, use_moe, self.cache_len, name="block")(x_BTD, positions_BT)
         return RMSNorm(c, c.hidden_size, name="head_norm")(x_BTD)
 
 
-def causal_mask(positions_BT: jax.Array) -> jax.Array:
-    """[B,T,T] bool: query i may attend key j when position_j <= position_i."""
-    return positions_BT[:, None, :] <= positions_BT[:, :, None]
-
-
-def cache_mask(positions_BT: jax.Array, cache_len: int) -> jax.Array:
-    """[B,T,S] bool over cache slots: a query at position p sees slots 0..p of its row."""
-    return jnp.arange(cache_len)[None, None, :] <= positions_BT[:, :, None]
+def head_logits(h_BTD: jax.Array, lm_head_DV: jax.Array) -> jax.Array:
+    """The output head: hidden states [..., D] (compute dtype) · lm_head [D, V] → float32 logits [..., V]."""
+    return einsum("...d,dv->...v", h_BTD, lm_head_DV).astype(jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -124,31 +119,35 @@ class Transformer(nn.Module):
         return constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
-        """Untied output head → float32 logits [B,T,V]."""
-        return einsum("btd,dv->btv", h_BTD, self.lm_head).astype(jnp.float32)
+        """Untied output head → float32 logits [B,T,V] (`head_logits`: a chunked loss applies it chunk by chunk,
+        so only the positions a caller asks for are ever materialised)."""
+        return head_logits(h_BTD, self.lm_head)
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-                 mask_BTS: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """tokens [B,T] → (logits [B,T,V] float32, final hidden state after the final norm [B,T,D])."""
-        positions_BT, mask_BTS = self._defaults(tokens_BT, positions_BT, mask_BTS)
-        x_BTD = self.embed(tokens_BT)
-        for stack in self.stacks:
-            x_BTD = stack(x_BTD, positions_BT, mask_BTS)
-        h_BTD = self.final_norm(x_BTD)
+        h_BTD = self.hidden_states(tokens_BT, positions_BT)
         return self.logits(h_BTD), h_BTD
 
-    def mtp(self, h_BTD: jax.Array, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-            mask_BTS: jax.Array | None = None) -> jax.Array:
+    def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        """tokens [B,T] → the final hidden state after the final norm [B,T,D] (no logits: callers that need only
+        some positions' logits apply `logits` to those)."""
+        positions_BT = self._positions(tokens_BT, positions_BT)
+        x_BTD = self.embed(tokens_BT)
+        for stack in self.stacks:
+            x_BTD = stack(x_BTD, positions_BT)
+        return self.final_norm(x_BTD)
+
+    def mtp(self, h_BTD: jax.Array, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """MTP logits [depth, B, T, V]: depth k at position i predicts token i+k+1 from h^{k-1}_i and t_{i+k}.
 
         `tokens_BT` are the main model's input tokens; positions whose t_{i+k} lies past the end see a pad token
         (id 0) and must be masked by the caller (causality keeps earlier positions exact).
         """
-        positions_BT, mask_BTS = self._defaults(tokens_BT, positions_BT, mask_BTS)
+        positions_BT = self._positions(tokens_BT, positions_BT)
         outputs = []
         for k, layer in enumerate(self.mtp_layers, start=1):
             shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
-            h_BTD = layer(h_BTD, self.embed(shifted_BT), positions_BT, mask_BTS)
+            h_BTD = layer(h_BTD, self.embed(shifted_BT), positions_BT)
             outputs.append(self.logits(h_BTD))
         if not outputs:
             return jnp.zeros((0, *tokens_BT.shape, self.config.vocab_size), jnp.float32)
@@ -156,15 +155,13 @@ class Transformer(nn.Module):
 
     def mtp_draft(self, h_BTD: jax.Array, next_tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         """Depth-1 MTP logits [B,T,V] at `positions` from main hidden states h_i and the tokens t_{i+1} (decoding)."""
-        positions_BT, mask_BTS = self._defaults(next_tokens_BT, positions_BT, None)
-        return self.logits(self.mtp_layers[0](h_BTD, self.embed(next_tokens_BT), positions_BT, mask_BTS))
+        return self.logits(self.mtp_layers[0](h_BTD, self.embed(next_tokens_BT), positions_BT))
 
-    def _defaults(self, tokens_BT, positions_BT, mask_BTS):
+    @staticmethod
+    def _positions(tokens_BT, positions_BT):
         if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
-        if mask_BTS is None:
-            mask_BTS = cache_mask(positions_BT, self.cache_len) if self.cache_len else causal_mask(positions_BT)
-        return positions_BT, mask_BTS
+            return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        return positions_BT
 
     def forward_with_mtp(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(main logits [B,T,V], MTP logits [depth,B,T,V]); used to initialise every parameter."""

@@ -1,18 +1,29 @@
 """The training loop: data, state, jitted step, JSONL metrics, orbax checkpoints, exact resume, final sample.
 
 Run directory layout:
-    config.json      the run config (model, train, data, run)
+    .lock            flock'ed by the one trainer using the directory (holds its pid and host)
+    config.json      the run config (model, train, data, run) the directory was made with: a later run with
+                     another [model] or [data] (tokenizer included) is refused, checkpoints or not
     tokenizer/       the tokenizer the run was trained with
     metrics.jsonl    one JSON object per step
     checkpoints/     orbax CheckpointManager: {step}/state (params, router, opt_state, step) + {step}/meta (JSON)
+
+Everything that can be checked is checked before the directory is created: the run config, the corpus, the
+tokenizer, the batches and the (sharded) step. Then the directory is created and locked, config.json and the
+tokenizer are written, and training starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import socket
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -22,49 +33,166 @@ from tqdm import tqdm
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
 from dsv3_jax.errors import TrainingError
 from dsv3_jax.model.api import init_variables
-from dsv3_jax.text.tokenizers import load_tokenizer, make_tokenizer
+from dsv3_jax.text.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from dsv3_jax.train import data as data_lib
-from dsv3_jax.train.run_config import RunConfig, run_config_from_dict
+from dsv3_jax.train.run_config import RunConfig, check_run_config, run_config_from_json
 from dsv3_jax.train.step import TrainState, init_state, jit_train_step, make_optimizer, make_train_step
 
-
-def build_data(rc: RunConfig, out_dir: str):
-    """(tokenizer, PackedBatches) — the tokenizer is made once and reloaded from the run directory on resume."""
-    docs = data_lib.stdlib_corpus(rc.data.max_bytes) if rc.data.corpus == "stdlib" else \
-        data_lib.text_file_corpus(list(rc.data.files))
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    if os.path.isdir(tok_dir):
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        tokenizer = make_tokenizer(rc.data.tokenizer, (text for _, text in docs))
-        tokenizer.save(tok_dir)
-    tokens = data_lib.tokenize_corpus(docs, tokenizer)
-    batches = data_lib.PackedBatches(tokens, rc.train.batch_size, rc.train.seq_len, rc.train.seed)
-    return tokenizer, batches
-
-
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+LOCK_FILE = ".lock"
 VOCAB_MULTIPLE = 64  # padded vocabulary: divisible by any mesh axis the vocab is sharded over
 
 
 def model_config_for(rc: RunConfig, vocab_size: int) -> ModelConfig:
     """The run's model with its vocabulary sized to the tokenizer, rounded up to a multiple of 64 (the extra
-    ids never occur in the data)."""
+    ids never occur in the data; samplers mask them with `vocab_limit`)."""
     return rc.model.replace(vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
 
 
-def _manager(out_dir: str, rc: RunConfig) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=rc.run.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options,
-                                 item_names=("state", "meta"))
+# ---------------------------------------------------------------- the run directory: what it was made with
 
 
-def _check_same_config(saved: dict, rc: RunConfig, out_dir: str) -> None:
+def _read_recorded(out_dir: str) -> dict | None:
+    """The run config recorded in out_dir/config.json (None for a new or empty directory); refuses a path that is
+    not a directory and a non-empty directory without config.json."""
+    if not os.path.lexists(out_dir):
+        return None
+    if not os.path.isdir(out_dir):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (--out must be a run directory)", out_dir)
+    path = os.path.join(out_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        others = sorted(n for n in os.listdir(out_dir) if n != LOCK_FILE)
+        if others:
+            raise TrainingError(f"{out_dir}: not a run directory (no {CONFIG_FILE}) and not empty: holds "
+                                f"{others[:5]}; a run that failed before recording its settings may leave files "
+                                "there. Remove them or use another --out")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        return {section: dict(recorded[section]) for section in ("model", "data", "train")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainingError(f"{path}: cannot read the recorded run config ({type(e).__name__}: {e}); remove the "
+                            "run directory or use another --out") from None
+
+
+def _compare(saved: dict, rc: RunConfig, out_dir: str, what: str, skip: tuple[str, ...] = ()) -> None:
+    """The [model] and [data] of `rc` must equal the saved ones (runtime fields and `skip` aside)."""
     current = json.loads(json.dumps(rc.to_dict()))
     for section in ("model", "data"):
         for key, value in current[section].items():
-            if saved[section].get(key) != value and key not in RUNTIME_FIELDS:
-                raise TrainingError(f"{out_dir}: checkpoint was trained with [{section}] {key}="
+            if key in RUNTIME_FIELDS or key in skip:
+                continue
+            if saved[section].get(key) != value:
+                raise TrainingError(f"{out_dir}: {what} was made with [{section}] {key}="
                                     f"{saved[section].get(key)!r}, this run has {value!r}; use another --out")
+
+
+def _check_recorded(out_dir: str, rc: RunConfig, skip: tuple[str, ...] = ()) -> bool:
+    """Refuse a run directory recorded with another model or data setting; True when it holds a recording."""
+    recorded = _read_recorded(out_dir)
+    if recorded is not None:
+        _compare(recorded, rc, out_dir, "run directory", skip)
+    return recorded is not None
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _save_tokenizer(tokenizer: Tokenizer, out_dir: str) -> None:
+    """Write tokenizer/ atomically (a temporary sibling renamed into place), unless it is there already."""
+    final = os.path.join(out_dir, TOKENIZER_DIR)
+    if os.path.isdir(final):
+        return
+    tmp = f"{final}.tmp-{os.getpid()}"
+    tokenizer.save(tmp)
+    os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------- one trainer per run directory
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid N on host H" from the lock file (the holder writes it right after taking the lock)."""
+    for _ in range(20):
+        text = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if text:
+            return f"pid {text[0]}" + (f" on host {text[1]}" if len(text) > 1 else "")
+        time.sleep(0.05)
+    return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str, log=print) -> Iterator[None]:
+    """Hold out_dir/.lock (fcntl.flock, released by the kernel when the process dies) while the body runs;
+    TrainingError naming the holder when another trainer has it. A lock file left by a dead trainer is taken
+    over (and said so). Creates out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(f"{out_dir}: run directory is in use by another trainer ({_lock_holder(fd)}, "
+                                f"lock file {path}); wait for it to finish or use another --out") from None
+        stale = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if stale and stale[0] != str(os.getpid()):
+            log(f"{out_dir}: took over the lock left by pid {stale[0]} (no longer running)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+# ---------------------------------------------------------------- data
+
+
+def _corpus(rc: RunConfig) -> list:
+    if rc.data.corpus == "stdlib":
+        return data_lib.stdlib_corpus(rc.data.max_bytes)
+    return data_lib.text_file_corpus(list(rc.data.files))
+
+
+def _check_tokenizer_kind(tokenizer: Tokenizer, spec: str, where: str) -> None:
+    kind, _, size = spec.partition(":")
+    if tokenizer.kind != kind or (kind == "bpe" and tokenizer.vocab_size > int(size)):
+        raise TrainingError(f"{where}: holds a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, this run "
+                            f"asks for [data] tokenizer={spec!r}; use another --out")
+
+
+def build_data(rc: RunConfig, out_dir: str, recorded: bool = True):
+    """(tokenizer, PackedBatches), in memory: the tokenizer of a recorded run directory is reloaded, a new one is
+    made from the corpus (and saved later, once the directory is created)."""
+    docs = _corpus(rc)
+    tok_dir = os.path.join(out_dir, TOKENIZER_DIR)
+    if recorded and os.path.isdir(tok_dir):
+        tokenizer = load_tokenizer(tok_dir)
+        _check_tokenizer_kind(tokenizer, rc.data.tokenizer, tok_dir)
+    else:
+        tokenizer = make_tokenizer(rc.data.tokenizer, (text for _, text in docs))
+    tokens = data_lib.tokenize_corpus(docs, tokenizer)
+    batches = data_lib.PackedBatches(tokens, rc.train.batch_size, rc.train.seq_len, rc.train.seed)
+    return tokenizer, batches
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _manager(out_dir: str, rc: RunConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=rc.run.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True)  # a save cut short (disk full, SIGKILL)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options,
+                                 item_names=("state", "meta"))
 
 
 def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
@@ -72,9 +200,46 @@ def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
     if step is None:
         return None, None
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    _check_same_config(meta["run_config"], rc, out_dir)  # before the state: a shape mismatch must name the field
+    _compare(meta["run_config"], rc, out_dir, "checkpoint")  # before the state: a shape mismatch must name the field
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an orbax / tensorstore failure (they wrap it, or only quote it), if any."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
+        if os.strerror(code).lower() in str(e).lower():
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def _guarded_save(out_dir: str, step: int, save) -> None:
+    """Run `save()`; a failure becomes an OSError (disk full, read-only, ...) or a TrainingError naming the step.
+    The previous checkpoints are untouched: orbax writes a step into a temporary directory first."""
+    try:
+        save()
+    except Exception as e:
+        cause = _os_error(e)
+        where = os.path.join(out_dir, "checkpoints")
+        if cause is not None:
+            raise OSError(cause.errno, f"{cause.strerror} while saving a checkpoint (reported at step {step}; "
+                                       "the last finished checkpoint is kept)", where) from e
+        raise TrainingError(f"{where}: cannot save a checkpoint (reported at step {step}; {type(e).__name__}: {e}); "
+                            "the last finished checkpoint is kept") from e
+
+
+def _save(manager, step: int, state: TrainState, batches, rc: RunConfig, out_dir: str) -> None:
+    meta = {"step": step, "data_state": batches.state(), "run_config": json.loads(json.dumps(rc.to_dict()))}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    _guarded_save(out_dir, step, lambda: manager.save(step, args=args))
+
+
+# ---------------------------------------------------------------- metrics
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -128,17 +293,31 @@ class _Logger:
         self.progress.close()
 
 
-def _save(manager, step: int, state: TrainState, batches, rc: RunConfig) -> None:
-    meta = {"step": step, "data_state": batches.state(), "run_config": json.loads(json.dumps(rc.to_dict()))}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+# ---------------------------------------------------------------- training
 
 
-def _write_run_config(out_dir: str, rc: RunConfig) -> None:
-    path = os.path.join(out_dir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rc.to_dict(), f, indent=2)
-    os.replace(tmp, path)
+@dataclasses.dataclass
+class _Prepared:
+    """Everything a run needs, built and checked in memory before the run directory exists."""
+
+    rc: RunConfig
+    tokenizer: Tokenizer
+    batches: data_lib.PackedBatches
+    optimizer: object
+    abstract: object
+    step_fn: object
+    shardings: object
+
+
+def _prepare(rc: RunConfig, out_dir: str, sharded_step) -> _Prepared:
+    check_run_config(rc)
+    recorded = _check_recorded(out_dir, rc, skip=("vocab_size",))  # the padded vocabulary follows the tokenizer
+    tokenizer, batches = build_data(rc, out_dir, recorded)
+    rc = dataclasses.replace(rc, model=model_config_for(rc, tokenizer.vocab_size))
+    optimizer = make_optimizer(rc.train)
+    abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, rc.train.seed), optimizer))
+    step_fn, shardings = _step_function(rc, optimizer, abstract, sharded_step)
+    return _Prepared(rc, tokenizer, batches, optimizer, abstract, step_fn, shardings)
 
 
 def train(rc: RunConfig, out_dir: str, *, log=print, sharded_step=None) -> dict:
@@ -147,33 +326,39 @@ def train(rc: RunConfig, out_dir: str, *, log=print, sharded_step=None) -> dict:
     sharded_step(rc, optimizer, abstract_state) -> (step, state shardings) builds the step for rc.run.mesh
     (`dsv3_jax.parallel.api.mesh_train_step`); the training layer does not import the parallel one.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer, batches = build_data(rc, out_dir)
-    rc = dataclasses.replace(rc, model=model_config_for(rc, tokenizer.vocab_size))
-    _write_run_config(out_dir, rc)
-    optimizer = make_optimizer(rc.train)
-    abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, rc.train.seed), optimizer))
+    p = _prepare(rc, out_dir, sharded_step)
+    lock = run_lock(out_dir, log) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        _check_recorded(out_dir, p.rc)  # again, under the lock, vocabulary included
+        _write_json_atomic(os.path.join(out_dir, CONFIG_FILE), p.rc.to_dict())
+        _save_tokenizer(p.tokenizer, out_dir)
+        return _train_locked(p, out_dir, log)
+
+
+def _train_locked(p: _Prepared, out_dir: str, log) -> dict:
+    rc = p.rc
     manager = _manager(out_dir, rc)
-    step_fn, shardings = _step_function(rc, optimizer, abstract, sharded_step)
-    state, meta = _restore(manager, abstract if shardings is None else _with_shardings(abstract, shardings), rc,
-                           out_dir)
+    target = p.abstract if p.shardings is None else _with_shardings(p.abstract, p.shardings)
+    state, meta = _restore(manager, target, rc, out_dir)
     start = 0 if meta is None else int(meta["step"])
     if state is None:
-        state = init_state(init_variables(rc.model, rc.train.seed), optimizer)
-        state = state if shardings is None else jax.device_put(state, shardings)
+        state = init_state(init_variables(rc.model, rc.train.seed), p.optimizer)
+        state = state if p.shardings is None else jax.device_put(state, p.shardings)
     else:
-        batches.restore(meta["data_state"])
+        p.batches.restore(meta["data_state"])
         log(f"resumed from step {start} in {out_dir}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start)
     bar = tqdm(total=rc.train.steps - start, desc="train", unit="step", miniters=rc.run.log_every, mininterval=1.0)
     logger = _Logger(metrics_path, bar, rc.train.batch_size * rc.train.seq_len)
     try:
-        state = _loop(rc, state, step_fn, batches, logger, manager, start)
+        state = _loop(rc, state, p.step_fn, p.batches, logger, manager, start, out_dir)
     finally:
-        manager.wait_until_finished()
-        logger.close()
-    return {"state": state, "config": rc, "tokenizer": tokenizer, "final_loss": logger.last_loss}
+        try:
+            _guarded_save(out_dir, rc.train.steps, manager.wait_until_finished)
+        finally:
+            logger.close()
+    return {"state": state, "config": rc, "tokenizer": p.tokenizer, "final_loss": logger.last_loss}
 
 
 def _step_function(rc: RunConfig, optimizer, abstract, sharded_step):
@@ -190,7 +375,7 @@ def _with_shardings(abstract, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, start: int):
+def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, start: int, out_dir: str):
     pending = None
     for step in range(start + 1, rc.train.steps + 1):
         batch = next(batches)
@@ -201,7 +386,7 @@ def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, star
         if step % rc.run.ckpt_every == 0 or step == rc.train.steps:
             logger.write(*pending)
             pending = None
-            _save(manager, step, state, batches, rc)
+            _save(manager, step, state, batches, rc, out_dir)
     if pending is not None:
         logger.write(*pending)
     return state
@@ -209,22 +394,17 @@ def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, star
 
 def load_run(out_dir: str) -> tuple[RunConfig, dict, object]:
     """(run config, variables, tokenizer) of the latest checkpoint in a run directory."""
-    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    model = raw["model"]
-    model["rope_scaling"] = None if model["rope_scaling"] is None else _rope(model["rope_scaling"])
-    rc = RunConfig(model=ModelConfig(**model), train=run_config_from_dict({"train": raw["train"]}).train)
+    path = os.path.join(out_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise TrainingError(f"{out_dir}: not a run directory (no {CONFIG_FILE})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rc = run_config_from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainingError(f"{path}: cannot read the run config ({type(e).__name__}: {e})") from None
     optimizer = make_optimizer(rc.train)
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, 0), optimizer))
-    state, _ = _restore(_manager(out_dir, rc), abstract, dataclasses.replace(
-        rc, data=run_config_from_dict({"data": raw["data"]}).data), out_dir)
+    state, _ = _restore(_manager(out_dir, rc), abstract, rc, out_dir)
     if state is None:
-        raise TrainingError(f"{out_dir}: no checkpoint to load")
-    return rc, {"params": state.params, "router": state.router}, load_tokenizer(
-        os.path.join(out_dir, "tokenizer"))
-
-
-def _rope(table: dict):
-    from dsv3_jax.config import RopeScaling
-
-    return RopeScaling(**table)
+        raise TrainingError(f"{out_dir}: no checkpoint to load (the run saved none yet)")
+    return rc, {"params": state.params, "router": state.router}, load_tokenizer(os.path.join(out_dir, TOKENIZER_DIR))
