@@ -101,24 +101,31 @@ def test_integer_tensor(ckpt):
     assert ATTN in str(info.value) and "I32" in str(info.value)
 
 
-def test_fp8_tensor_says_convert(ckpt):
+def test_fp8_tensor_without_its_scale_is_named(ckpt):
+    """An F8_E4M3 weight needs its `weight_scale_inv`: the error names both, and the file."""
     tensors = _read(ckpt)
     tensors[EXPERT] = tensors[EXPERT].astype(ml_dtypes.float8_e4m3fn)
     _rewrite(ckpt, tensors)
-    with pytest.raises(CheckpointError, match="convert") as info:
+    with pytest.raises(CheckpointError, match="no block scale") as info:
         load_hf_directory(ckpt)
-    assert EXPERT in str(info.value)
+    assert EXPERT in str(info.value) and EXPERT + "_scale_inv" in str(info.value) and FILE in str(info.value)
 
 
-def test_fp8_checkpoint_with_scales_says_convert(ckpt):
-    """A released-style FP8 checkpoint also holds `weight_scale_inv` tensors: still the FP8 / convert error,
-    not a generic "unexpected tensor" one."""
+def test_fp8_weights_with_scales_load_fp8_resident_or_dequantised(ckpt):
+    """A released-style FP8 tensor (+ `weight_scale_inv`) loads without conversion: FP8-resident by default (its
+    values kept bit for bit, transposed to [in, out]), or dequantised exactly with weights="fp32"."""
     tensors = _read(ckpt)
-    tensors[EXPERT] = tensors[EXPERT].astype(ml_dtypes.float8_e4m3fn)
-    tensors[EXPERT + "_scale_inv"] = np.ones((1, 1), np.float32)
+    q_oi = tensors[EXPERT].astype(ml_dtypes.float8_e4m3fn)
+    tensors[EXPERT], tensors[EXPERT + "_scale_inv"] = q_oi, np.full((1, 1), 0.5, np.float32)
     _rewrite(ckpt, tensors)
-    with pytest.raises(CheckpointError, match="convert"):
-        load_hf_directory(ckpt)
+    config, variables = load_hf_directory(ckpt)
+    w_up = variables["params"]["moe_layers"]["layers"]["moe"]["w_up"]
+    assert config.param_dtype == "bfloat16" and w_up.values.dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(w_up.values[0, 3]).view(np.uint8), q_oi.T.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(w_up.scales[0, 3]), np.full((1, 1), 0.5, np.float32))
+    config, variables = load_hf_directory(ckpt, weights="fp32")
+    w = np.asarray(variables["params"]["moe_layers"]["layers"]["moe"]["w_up"][0, 3])
+    np.testing.assert_array_equal(w, q_oi.T.astype(np.float32) * 0.5)
 
 
 def test_truncated_safetensors_file(ckpt):

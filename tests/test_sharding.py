@@ -363,9 +363,10 @@ def _losses(out_dir):
 
 
 def test_train_with_mesh_matches_single_device(tmp_path):
+    from dsv3_jax.parallel.api import mesh_train_step
     from dsv3_jax.train.loop import train
 
-    sharded = train(_run_config("cpu-8"), str(tmp_path / "mesh"), log=lambda *_: None)
+    sharded = train(_run_config("cpu-8"), str(tmp_path / "mesh"), log=lambda *_: None, sharded_step=mesh_train_step)
     single = train(_run_config(None), str(tmp_path / "single"), log=lambda *_: None)
     assert sharded["config"].model.vocab_size % 2 == 0, "vocab is sharded over the 2-way tensor axis"
     got, want = _losses(tmp_path / "mesh"), _losses(tmp_path / "single")
@@ -381,7 +382,9 @@ def test_train_with_mesh_matches_single_device(tmp_path):
 
 def test_train_with_mesh_byte_tokenizer(tmp_path):
     """The byte tokenizer's 259 ids are padded to a vocabulary of 320, which the 2-way vocab axis divides."""
+    from dsv3_jax.parallel.api import mesh_train_step
     from dsv3_jax.train.loop import train
 
-    result = train(_run_config("cpu-8", tokenizer="byte"), str(tmp_path / "byte"), log=lambda *_: None)
+    result = train(_run_config("cpu-8", tokenizer="byte"), str(tmp_path / "byte"), log=lambda *_: None,
+                   sharded_step=mesh_train_step)
     assert result["config"].model.vocab_size == 320 and np.isfinite(result["final_loss"])

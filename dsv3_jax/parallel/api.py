@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dsv3_jax.ckpt.place import scale_sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ShardingError
 from dsv3_jax.infer.generate import generate as generate_local
@@ -20,6 +21,7 @@ from dsv3_jax.model.check import check_variables
 from dsv3_jax.model.moe.expert_parallel import ExpertParallel, use_expert_parallel
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel.rules import Layout, get_layout, make_mesh, param_shardings
+from dsv3_jax.quant.fp8 import QuantArray
 from dsv3_jax.train.step import jit_train_step, make_train_step
 
 
@@ -73,10 +75,16 @@ def _pruned(axes, variables):
 
 
 def variable_shardings(config: ModelConfig, layout: Layout, mesh: Mesh, variables=None):
+    """NamedSharding per variable under `layout`. With `variables`, the tree follows theirs: only the keys they
+    have, and an FP8-resident weight (QuantArray) gets a QuantArray of shardings — its values', and its block
+    scales' (the same partition where the scale counts divide it)."""
     axes = logical_axes(config)
-    if variables is not None:
-        axes = _pruned(axes, variables)
-    return param_shardings(axes, layout, mesh)
+    if variables is None:
+        return param_shardings(axes, layout, mesh)
+    shardings = param_shardings(_pruned(axes, variables), layout, mesh)
+    return jax.tree_util.tree_map(
+        lambda v, s: QuantArray(s, scale_sharding(s, v.values.shape, v.scales.shape)) if isinstance(v, QuantArray)
+        else s, variables, shardings, is_leaf=lambda x: isinstance(x, QuantArray))
 
 
 def shard_variables(config: ModelConfig, variables, layout: Layout, mesh: Mesh):
@@ -161,9 +169,17 @@ def generate(config: ModelConfig, variables, prompt_ids, max_new_tokens: int, la
     check_divisible(config, layout, mesh)
     check_variables(config, variables, need_mtp=bool(kwargs.get("speculative")))
     variables = shard_variables(config, variables, layout, mesh)
+    with decoding(layout, mesh):
+        return generate_local(config, variables, prompt_ids, max_new_tokens, **kwargs)
+
+
+@contextlib.contextmanager
+def decoding(layout: Layout, mesh: Mesh):
+    """Trace decoding under `layout`: weights as the rules say, the (small) batch unsharded, the MoE through
+    GSPMD collectives rather than the all-to-all dispatch."""
     rules = [(k, v) for k, v in layout.rules if k != "act_batch"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return generate_local(config, variables, prompt_ids, max_new_tokens, **kwargs)
+        yield
 
 
 def memory_report(variables) -> dict[str, int]:

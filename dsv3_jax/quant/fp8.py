@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import FP8_BLOCK as BLOCK
 from dsv3_jax.errors import QuantError
+from dsv3_jax.quant.blockwise import scaled_matmul_scan, weight_only_matmul
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -113,25 +114,25 @@ def scaled_matmul(aq: jax.Array, a_s: jax.Array, bq: jax.Array, b_s: jax.Array, 
     """[M,K]·[K,N] of FP8 operands → float32 [M,N].
 
     a_s [M, KB] scales a's 1×128 row tiles; b_s is [KB, NB] (128×128 blocks) or [KB, N] (one scale per column
-    and K block, as for the gradient operand of the weight-gradient GEMM).
+    and K block, as for the gradient operand of the weight-gradient GEMM). "blockwise": the recipe's product,
+    promoted to float32 every 128 of K, accumulated over K blocks in a loop (`blockwise.scaled_matmul_scan`:
+    temporaries O(M·N), never [M, K/128, N]); "dequant": the same sum as one dot over dequantised operands.
     """
-    m, k = aq.shape
-    n = bq.shape[1]
-    kb = _cdiv(k, block)
+    if impl != "dequant":
+        return scaled_matmul_scan(aq, a_s, bq, b_s, block=block)
+    k, n = bq.shape
     b_full = b_s if b_s.shape[-1] == n else jnp.repeat(b_s, block, axis=-1)[:, :n]  # [KB, N]
-    if impl == "dequant":
-        a = aq.astype(jnp.float32) * jnp.repeat(a_s, block, axis=-1)[:, :k]
-        b = bq.astype(jnp.float32) * jnp.repeat(b_full, block, axis=0)[:k]
-        return jnp.dot(a, b, preferred_element_type=jnp.float32)
-    pad = kb * block - k
-    a_blocks = jnp.pad(aq, ((0, 0), (0, pad))).reshape(m, kb, block)
-    b_blocks = jnp.pad(bq, ((0, pad), (0, 0))).reshape(kb, block, n)
-    partial = jnp.einsum("mkb,kbn->mkn", a_blocks, b_blocks, preferred_element_type=jnp.float32)
-    return jnp.einsum("mkn,mk,kn->mn", partial, a_s, b_full)
+    a = aq.astype(jnp.float32) * jnp.repeat(a_s, block, axis=-1)[:, :k]
+    b = bq.astype(jnp.float32) * jnp.repeat(b_full, block, axis=0)[:k]
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def quantized_matmul(x_MK: jax.Array, w: QuantArray, impl: str) -> jax.Array:
-    """Activations quantised on the fly (1×128) against an FP8-resident weight → float32 [M, N]."""
+    """Activations quantised on the fly (1×128) against an FP8-resident weight → float32 [M, N]; or, for
+    "weight_only", the weight's 128×128 blocks dequantised and multiplied in x's dtype (as the official inference
+    code does by default: FP8 storage, bf16 compute)."""
+    if impl == "weight_only":
+        return weight_only_matmul(x_MK, w.values, w.scales, out_dtype=jnp.float32, dtype=x_MK.dtype)
     xq, xs = quantize_rows(x_MK)
     return scaled_matmul(xq, xs, w.values, w.scales, impl)
 
