@@ -6,8 +6,8 @@ Layouts (sharding/rules.py):
   cpu-8       data 2 x expert 2 x tensor 2: experts split 2 ways, tokens 4 ways, all-to-all over "expert"
 
 For each: median wall time of the jitted forward and forward+backward (gradient w.r.t. every parameter), the
-parameter bytes each device holds (`dsv3_jax.parallel.api.memory_report`) and the compiled program's per-device temp bytes
-(`memory_analysis()`). Outputs are checked against the replicated layout.
+parameter bytes each device holds (`dsv3_jax.parallel.api.memory_report`) and the compiled program's per-device
+temp bytes (`memory_analysis()`). Outputs are checked against the replicated layout.
 
     python experiments/bench_expert_parallel.py                     # 64 experts top-6, hidden 256
     python experiments/bench_expert_parallel.py --experts 16 --top-k 4 --tokens 1024 --repeats 3

@@ -232,7 +232,7 @@ def jax_moe_child(args: argparse.Namespace, workdir: str) -> dict:
         for impl in args.moe_impls:
             cfg = base.replace(moe_impl=impl)
             compiled = jax.jit(lambda v, x, cfg=cfg: MoE(cfg).apply(v, x)).lower(variables, x).compile()
-            row[impl] = median_ms(lambda: compiled(variables, x).block_until_ready(), 1, args.moe_repeats,
+            row[impl] = median_ms(lambda c=compiled, v=variables, x=x: c(v, x).block_until_ready(), 1, args.moe_repeats,
                                   args.budget_s, min_runs=2)
             row[impl + "_temp"] = compiled.memory_analysis().temp_size_in_bytes
             if impl == args.moe_impls[0]:
@@ -278,7 +278,7 @@ def hf_moe_child(args: argparse.Namespace, workdir: str) -> dict:
         for impl in ("grouped_mm", "eager"):
             module = hf_moe_module(args, experts, arrays, impl)
             with torch.no_grad():
-                row[impl] = median_ms(lambda: module(x), 1, args.moe_repeats, args.budget_s, min_runs=2)
+                row[impl] = median_ms(lambda m=module, x=x: m(x), 1, args.moe_repeats, args.budget_s, min_runs=2)
                 if impl == "grouped_mm":
                     row["maxdiff"] = float(np.max(np.abs(module(x).numpy() - arrays["out"])))
         results[experts] = row

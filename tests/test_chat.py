@@ -108,5 +108,6 @@ def test_convert_and_export_carry_the_tokenizer_files(checkpoint, tmp_path):
     export(tmp_path / "conv", tmp_path / "hf", "bf16", progress=False)
     for directory in (tmp_path / "conv", tmp_path / "hf"):
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            assert (directory / name).read_bytes() == open(os.path.join(checkpoint, name), "rb").read()
+            with open(os.path.join(checkpoint, name), "rb") as f:
+                assert (directory / name).read_bytes() == f.read()
         assert HFTokenizer.load(directory).encode("你好 MLA") == HFTokenizer.load(checkpoint).encode("你好 MLA")

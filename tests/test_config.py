@@ -239,16 +239,16 @@ def test_unsupported_hf_dict_raises_config_error(field, changes):
 def test_malformed_json_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"vocab_size": 256,')
-    with pytest.raises(ConfigError, match="config.json") as info:
+    with pytest.raises(ConfigError, match=r"config\.json") as info:
         ModelConfig.from_hf_config(path)
     assert "JSON" in str(info.value)
     path.write_text("[1, 2, 3]")
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         ModelConfig.from_hf_config(tmp_path)
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="nonexistent.json"):
+    with pytest.raises(ConfigError, match=r"nonexistent\.json"):
         ModelConfig.from_hf_config(tmp_path / "nonexistent.json")
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         ModelConfig.from_hf_config(tmp_path)  # a directory without config.json

@@ -100,7 +100,7 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(DataError, match="no tokenizer here"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_meta.json").write_text('{"kind": "wordpiece"}')
-    with pytest.raises(DataError, match="tokenizer_meta.json: field 'kind' is 'wordpiece'"):
+    with pytest.raises(DataError, match=r"tokenizer_meta\.json: field 'kind' is 'wordpiece'"):
         load_tokenizer(tmp_path)
 
 

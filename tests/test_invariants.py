@@ -258,7 +258,7 @@ def test_logical_axes_match_variables(config):
     assert router and all(_path_keys(p)[-1] == "bias" for p, _ in router)
     expected_biases = (config.num_moe_layers if not config.scan_layers else 1) + config.num_nextn_predict_layers
     assert len(router) == expected_biases
-    for path, leaf in router:
+    for _, leaf in router:
         assert leaf.shape[-1] == config.n_routed_experts and leaf.dtype == jnp.float32
 
 

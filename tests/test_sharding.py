@@ -31,7 +31,8 @@ from dsv3_jax.parallel import LAYOUTS, Layout, get_layout, make_mesh, to_mesh_sp
 from dsv3_jax.parallel import api as sa
 from dsv3_jax.train.step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
-generate_module = importlib.import_module("dsv3_jax.infer.generate")  # `dsv3_jax.infer.generate` the attribute is the function
+# the module, not the function `dsv3_jax.infer.generate` that the package attribute names
+generate_module = importlib.import_module("dsv3_jax.infer.generate")
 
 # init_std 0.05 (tiny's 0.02 routes almost by bias alone): the router sees real logits. No MTP block here (compile
 # time); the `dsv3 train --mesh` test runs the tiny preset's MTP under the mesh.
