@@ -188,8 +188,7 @@ def test_temporaries_do_not_grow_with_k_blocks_cpu():
 
 
 def _tpu_chip():
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu not installed (pip install 'libtpu==0.0.42.*' compiles for TPU without one)")
+    assert importlib.util.find_spec("libtpu") is not None, "libtpu is a test extra: pip install -e '.[test]'"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only; another process may hold the lock
     from jax.experimental import topologies
 

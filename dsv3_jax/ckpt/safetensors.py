@@ -26,7 +26,6 @@ import pathlib
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from types import TracebackType
 from typing import IO, Any
 
 import ml_dtypes
@@ -205,7 +204,17 @@ def read_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], int]:
 # --------------------------------------------------------------------------------------------
 
 
-class SafetensorsFile:
+class _Closing:
+    """`with reader:` returns the reader and closes it on exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsFile(_Closing):
     """A read-only, memory-mapped safetensors file whose tensors are zero-copy numpy views.
 
     Arrays returned by :meth:`get` stay valid after :meth:`close` (they keep the mapping alive).
@@ -217,14 +226,6 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             self._header, self._metadata, self._data_start = _parse_header(f, self.path)
             self._mmap: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __contains__(self, name: object) -> bool:
         return name in self._header
@@ -433,7 +434,7 @@ def checkpoint_files(directory: PathLike) -> dict[str, str]:
     return files
 
 
-class CheckpointReader:
+class CheckpointReader(_Closing):
     """Lazy reader for a HF checkpoint directory: each shard is opened (mmapped) on first use and cached."""
 
     def __init__(self, directory: PathLike) -> None:
@@ -441,14 +442,6 @@ class CheckpointReader:
         self.directory = os.path.abspath(os.fspath(directory))
         self._files = checkpoint_files(self.directory)
         self._open: dict[str, SafetensorsFile] = {}
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __contains__(self, name: object) -> bool:
         return name in self._files
