@@ -13,8 +13,8 @@ from convert_fixtures import FIXTURE_CONFIG, write_fp8_checkpoint
 
 import dsv3_jax as d
 from dsv3_jax.errors import CheckpointError
-from dsv3_jax.parallel import get_layout, make_mesh
 from dsv3_jax.parallel import api as sa
+from dsv3_jax.parallel import get_layout, make_mesh
 from dsv3_jax.quant.fp8 import QuantArray
 
 TOKENS = np.random.RandomState(0).randint(0, FIXTURE_CONFIG.vocab_size, (8, 24)).astype(np.int32)

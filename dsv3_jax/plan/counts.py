@@ -140,19 +140,19 @@ def checkpoint_element_counts(config: ModelConfig) -> dict[str, int]:
             "scales": sum(leaf.scale_count for leaf in leaves)}
 
 
-def dtype_bytes(name: str) -> int:
+def itemsize(name: str) -> int:
     return int(np.dtype(jax.numpy.dtype(name)).itemsize)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int | None = None) -> int:
     """Latent MLA cache: (kv_lora_rank + qk_rope_head_dim) × layers × dtype bytes (compute dtype by default)."""
-    a = dtype_bytes(config.dtype) if dtype_bytes is None else dtype_bytes
+    a = itemsize(config.dtype) if dtype_bytes is None else dtype_bytes
     return (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * a
 
 
 def kv_naive_bytes_per_token(config: ModelConfig, dtype_bytes: int | None = None) -> int:
     """A per-head cache of keys and values: H·(N + R + U) × layers × dtype bytes."""
-    a = dtype_bytes(config.dtype) if dtype_bytes is None else dtype_bytes
+    a = itemsize(config.dtype) if dtype_bytes is None else dtype_bytes
     per_layer = config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
     return per_layer * config.num_hidden_layers * a
 

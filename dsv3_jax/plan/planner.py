@@ -47,6 +47,17 @@ values over S = T keys, as the implementation computes the full masked square); 
 depths' forward); decode (absorbed attention over a cache of T) = 2 × (active − embedding) + per layer
 2·H·T·(2C + R).
 
+Compiled TPU programs (`program_memory`, checked against XLA's memory analysis by `plan.aot` and
+experiments/aot_compile.py): prefill and decode hold the weights (no MTP), the latent cache twice (the program's
+output or donated input, and the layer scan's working copy), one layer's slice of the stacked weights and the
+largest layer's forward working set — under expert parallelism 4 × rows × D (send, receive, expert output,
+return; rows = devices × the round's capacity) + 3 × rows × F_local + 2 × pairs × D, attention
+tokens × heads × (4C + 2R) (absorbed), the residual stream 8a + 2f per token and element of D; FP8 experts are
+dequantised for ragged_dot (2f + a per element). Training on the TPU adds to the formulas above: the compiler casts
+every layer stack to the compute dtype once, before the layer loops (all copies live), the chunked loss keeps one
+chunk's logits (3 × chunk × V_local × f) plus the output head gathered whole (a + f per element) when FSDP splits
+it, blockwise attention keeps no [H,T,S] scores, and the loss phase and the layers' backward do not overlap.
+
 Decode bound: per step each device reads its share of the non-embedding main-model weights (routed experts only
 in the expected touched fraction 1 − (1 − X/E)^B for a batch of B tokens) and its KV cache shard; tokens/s ≤
 B · bandwidth / (bytes read per device). MTP weights are not read (no speculative decoding in the bound).
@@ -65,7 +76,9 @@ from jax.sharding import PartitionSpec
 from dsv3_jax import config as config_lib
 from dsv3_jax.config import PRESETS, ModelConfig
 from dsv3_jax.errors import PlanError, ShardingError
+from dsv3_jax.model.attention import resolve_attention_impl
 from dsv3_jax.model.moe.dispatch import tile_size
+from dsv3_jax.model.moe.expert_parallel import capacity
 from dsv3_jax.parallel import Layout, get_layout, to_mesh_spec
 from dsv3_jax.plan.chips import CHIPS, Chip
 from dsv3_jax.plan.counts import (
@@ -74,8 +87,8 @@ from dsv3_jax.plan.counts import (
     check_choice,
     checkpoint_element_counts,
     count_params,
-    dtype_bytes,
     flops_per_token,
+    itemsize,
     kv_bytes_per_token,
     kv_naive_bytes_per_token,
     model_leaves,
@@ -83,6 +96,7 @@ from dsv3_jax.plan.counts import (
     weight_bytes_by_dtype,
 )
 from dsv3_jax.plan.result import Plan
+from dsv3_jax.train.losses import LOSS_CHUNK
 
 MODES = ("infer", "train")
 REMATS = ("none", "full")
@@ -208,10 +222,16 @@ def _attention_bytes_per_token(c: ModelConfig, a: int) -> int:
     return 2 * _norm(c.hidden_size, a) + q + _norm(c.kv_lora_rank, a) + a * c.qk_rope_head_dim + heads
 
 
-def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl: str) -> int:
-    """Routed-expert dispatch buffers of one MoE layer on one device (balanced routing, `experts` local experts)."""
+def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl: str,
+                    rows: int | None = None) -> int:
+    """Routed-expert dispatch buffers of one MoE layer on one device (balanced routing, `experts` local experts).
+
+    rows: rows the expert FFN runs on under expert parallelism (one round of every destination's capacity,
+    `_moe_rows`); the send / receive / return buffers are rows × D each, the pair-ordered copies pairs × D."""
     d, f = c.hidden_size, c.moe_intermediate_size
     pairs = tokens * c.num_experts_per_tok
+    if rows is not None:
+        return rows * (a * (4 * d + 6 * f) + 2 * 4) + 2 * pairs * d * a
     if moe_impl == "ragged":
         return pairs * (a * (d + 6 * f) + 2 * 4)
     tile = tile_size(pairs, experts)
@@ -221,35 +241,48 @@ def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl:
 
 def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: str = "full", moe_impl: str = "ragged",
                          batch_shards: int = 1, local_experts: int | None = None, vocab_shards: int = 1,
-                         weight_copy_bytes: int = 0, head_copy_bytes: int = 0) -> dict[str, int]:
+                         weight_copy_bytes: int = 0, head_copy_bytes: int = 0, attention_impl: str = "naive",
+                         dispatch_rows: int | None = None, loss_chunk: int = 0,
+                         hoisted_copies: bool = False) -> dict[str, int]:
     """Training activation bytes per device by part (formula in the module docstring).
 
     batch_shards: devices the batch is split over; local_experts: routed experts held per device (default all);
     weight_copy_bytes: compute-dtype copies of the per-device layer weights (0 when computing in fp32);
-    head_copy_bytes: the same for lm_head (per head use) and eh_proj.
+    head_copy_bytes: the same for lm_head (per head use) and eh_proj. attention_impl: "naive" keeps the [B,H,T,S]
+    scores, "blockwise" one [B,H,block,block] block at a time; dispatch_rows: rows of one expert-parallel round
+    (see `_dispatch_bytes`); loss_chunk: positions per chunk of the chunked cross-entropy (0: whole logits);
+    hoisted_copies: the TPU compiler casts each layer stack to the compute dtype once, before the layer loops, so
+    every layer's copy is live (else one layer's at a time).
     """
     check_choice("remat", remat, REMATS)
     check_choice("moe_impl", moe_impl, MOE_IMPLS)
-    c, a = config, dtype_bytes(config.dtype)
+    c, a = config, itemsize(config.dtype)
     n = math.ceil(batch / batch_shards) * seq
     experts = c.n_routed_experts if local_experts is None else local_experts
     d, h, v = c.hidden_size, c.num_attention_heads, math.ceil(c.vocab_size / vocab_shards)
-    scores = n * h * seq * (F32 + a)
+    b_local = math.ceil(batch / batch_shards)
+    block = min(c.attention_block, seq)
+    scores = n * h * seq * (F32 + a) if attention_impl == "naive" else 4 * b_local * h * block * block * (F32 + a)
     attn = n * _attention_bytes_per_token(c, a)
     dense_mlp = n * 6 * a * c.intermediate_size
     router = n * (d * F32 + 3 * c.n_routed_experts * F32 + c.num_experts_per_tok * (3 * F32 + 4)
                   + a * c.num_experts_per_tok * d + 6 * a * c.moe_intermediate_size * c.n_shared_experts)
-    dispatch = _dispatch_bytes(c, n, experts, a, moe_impl) if c.n_routed_experts else 0
+    dispatch = _dispatch_bytes(c, n, experts, a, moe_impl, dispatch_rows) if c.n_routed_experts else 0
     depth = c.num_nextn_predict_layers
     layers = c.num_hidden_layers + depth
-    per_layer_copy = weight_copy_bytes // max(layers, 1)
+    per_layer_copy = 0 if hoisted_copies else weight_copy_bytes // max(layers, 1)
     dense_layer = attn + scores + dense_mlp + per_layer_copy
     moe_layer = attn + scores + router + dispatch + per_layer_copy
     use_moe_mtp = c.n_routed_experts > 0
-    heads = n * (2 * v * F32 * (1 + depth) + _norm(d, a)) + head_copy_bytes
+    if 0 < loss_chunk < seq:  # one chunk's float32 logits, their log-softmax and cotangent at a time
+        heads = n * _norm(d, a) + 3 * b_local * loss_chunk * v * F32 + head_copy_bytes
+    else:
+        heads = n * (2 * v * F32 * (1 + depth) + _norm(d, a)) + head_copy_bytes
     mtp_extra = depth * n * (a * d + 3 * _norm(d, a) + 3 * a * d)
     stacks = (int(c.num_dense_layers > 0) + int(c.num_moe_layers > 0) + depth) * n * h * seq * (1 + F32)
     out = {"heads": heads, "mtp_extra": mtp_extra}
+    if hoisted_copies:
+        out["weight_copies"] = weight_copy_bytes
     if remat == "none":
         out["layers"] = (c.num_dense_layers * dense_layer + c.num_moe_layers * moe_layer
                          + depth * (moe_layer if use_moe_mtp else dense_layer))
@@ -261,6 +294,8 @@ def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: st
         working.append(dense_layer + 2 * scores + dense_mlp)
     if c.num_moe_layers or (depth and use_moe_mtp):
         working.append(moe_layer + 2 * scores + dispatch)
+    if hoisted_copies:  # the loss's chunk loop and the layers' backward run one after the other: the larger counts
+        working.append(out.pop("heads"))
     out["working_set"] = max(working)
     return out
 
@@ -283,6 +318,7 @@ class _Settings:
     remat: str
     moe_impl: str
     mtp: bool
+    backend: str = "cpu"  # "tpu": the TPU compiler's program (plan.aot) — see activation_breakdown's options
 
 
 def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> tuple[dict[str, int], dict[str, int]]:
@@ -292,7 +328,7 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
     kept = [(leaf, k) for leaf, k in zip(leaves, factors, strict=True) if s.mtp or not leaf.mtp]
     batch_shards = _rule_factor(placement, "act_batch")
     b_local = math.ceil(s.batch / batch_shards)
-    a = dtype_bytes(config.dtype)
+    a = itemsize(config.dtype)
     extra: dict[str, int] = {}
     if s.mode == "infer":
         values = sum(math.ceil(leaf.size / k) * value_bytes(leaf, s.weights) for leaf, k in kept)
@@ -316,15 +352,34 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
         head_copies = sum(math.ceil(leaf.size / k) * a * (heads if leaf.kind == "head" else 1)
                           for leaf, k in params if leaf.kind in ("head", "mtp_proj"))
     cfg = config if s.mtp else config.replace(num_nextn_predict_layers=0)
+    compiled = _compiled_options(cfg, placement, s, params) if s.backend == "tpu" else {}
+    head_copies += compiled.pop("head_gathered", 0)
     acts = {remat: sum(activation_breakdown(
         cfg, s.batch, s.seq, remat=remat, moe_impl=s.moe_impl, batch_shards=batch_shards,
         local_experts=local_experts, vocab_shards=_rule_factor(placement, "vocab"),
-        weight_copy_bytes=copies, head_copy_bytes=head_copies).values()) for remat in REMATS}
+        weight_copy_bytes=copies, head_copy_bytes=head_copies, **compiled).values()) for remat in REMATS}
     extra.update(activation_bytes_none=acts["none"], activation_bytes_full=acts["full"])
     out = {"params_fp32": master * F32 + router * F32, "grads_fp32": master * F32,
-           "adam_m": master * dtype_bytes(s.moment_dtype), "adam_v": master * F32,
+           "adam_m": master * itemsize(s.moment_dtype), "adam_v": master * F32,
            "activations": acts[s.remat]}
     return out, extra
+
+
+def _compiled_options(config: ModelConfig, placement: Placement, s: _Settings, params) -> dict[str, Any]:
+    """activation_breakdown options for the TPU program `plan.aot` compiles: the attention the model picks at this
+    length, expert-parallel rounds, the chunked loss, hoisted weight copies, and the output head gathered whole
+    (bf16 copy + float32 gradient) when FSDP splits it along D."""
+    b_local = math.ceil(s.batch / _rule_factor(placement, "act_batch"))
+    tokens = b_local * s.seq
+    pairs, rows = _moe_rows(config, placement, tokens)
+    head_gathered = 0
+    for leaf, k in params:
+        if leaf.kind == "head" and k > 1:
+            vocab = math.ceil(leaf.size / config.hidden_size / _rule_factor(placement, "vocab"))
+            head_gathered += config.hidden_size * vocab * (itemsize(config.dtype) + F32)
+    return {"attention_impl": resolve_attention_impl(config, s.seq, s.seq),
+            "dispatch_rows": rows if rows != pairs else None, "loss_chunk": LOSS_CHUNK, "hoisted_copies": True,
+            "head_gathered": head_gathered}
 
 
 def _fits(total: int, chip: Chip, headroom: float) -> bool:
@@ -511,3 +566,82 @@ def _preset_name(config: ModelConfig) -> str:
             return name
     return "custom"
 
+
+
+
+# ---------------------------------------------------------------- compiled programs (plan.aot)
+
+PROGRAMS = ("prefill", "decode", "train")
+
+
+def _moe_rows(config: ModelConfig, placement: Placement, tokens: int) -> tuple[int, int]:
+    """(token-expert pairs of `tokens` local tokens, rows the expert FFN runs on one device): with expert
+    parallelism (experts over a mesh axis the tokens are split over) each of the Y destinations gets a round of
+    `capacity` rows (model.moe.expert_parallel); otherwise the FFN runs on the local pairs."""
+    pairs = tokens * config.num_experts_per_tok
+    rules = placement.layout.rules_dict
+    expert_axes = _mesh_axes_of(rules.get("expert"))
+    ep = _rule_factor(placement, "expert")
+    if len(expert_axes) == 1 and expert_axes[0] in _mesh_axes_of(rules.get("act_batch")) and ep > 1:
+        return pairs, ep * capacity(pairs, ep)
+    return pairs, pairs
+
+
+def _moe_layer_leaves(config: ModelConfig, placement: Placement):
+    """(leaf, devices it is split over, layers it stacks) of the MoE stack: one layer's weights are a slice."""
+    factors = shard_factors(config, placement)
+    for leaf, k in zip(model_leaves(config), factors, strict=True):
+        if "moe_layers" in leaf.path.split("/") and not leaf.mtp:
+            yield leaf, k, max(config.num_moe_layers, 1)
+
+
+def _forward_working_set(config: ModelConfig, placement: Placement, tokens: int, weights: str,
+                         cached: bool) -> dict[str, int]:
+    """Bytes one device holds at the peak of the largest layer's forward (an MoE layer), for `tokens` local tokens
+    (formulas measured against the TPU compiler's buffer assignment, tests/test_aot.py)."""
+    c, a = config, itemsize(config.dtype)
+    d, h = c.hidden_size, math.ceil(c.num_attention_heads / _rule_factor(placement, "q_heads"))
+    f_local = math.ceil(c.moe_intermediate_size / _rule_factor(placement, "expert_mlp"))
+    pairs, rows = _moe_rows(c, placement, tokens)
+    out = {"moe_dispatch": rows * (4 * d * a + 3 * f_local * a) + 2 * pairs * d * a}
+    if c.num_moe_layers > 1:  # this layer's slice of the scanned stacks (a stack of one is used in place)
+        out["layer_weights"] = sum(math.ceil(leaf.size / k) // n * value_bytes(leaf, weights) for leaf, k, n in
+                                   _moe_layer_leaves(c, placement))
+    if weights == "fp8":  # experts dequantised for ragged_dot: float32 products, bf16 result
+        out["fp8_dequantised"] = sum(math.ceil(leaf.size / k) // n * (2 * F32 + a) for leaf, k, n in
+                                     _moe_layer_leaves(c, placement) if leaf.routed)
+    width = 4 * c.kv_lora_rank + 2 * c.qk_rope_head_dim if cached else (
+        2 * c.qk_nope_head_dim + c.qk_rope_head_dim + 2 * c.v_head_dim)
+    out["attention"] = tokens * h * width * a
+    out["residual_stream"] = tokens * d * (8 * a + 2 * F32)
+    return out
+
+
+def program_memory(config: ModelConfig, program: str, batch: int, seq: int, *, layout: str, chips: int,
+                   weights: str = "bf16", prefill_chunk: int | None = None,
+                   moment_dtype: str = "bfloat16") -> dict[str, int]:
+    """Per-device bytes of one program compiled by `plan.aot` (what XLA's argument + output + temp − alias holds).
+
+    prefill: weights (no MTP: generation without drafting), the latent cache written (output) and its working copy
+    (the layer scan's carry), the forward working set of one chunk of `prefill_chunk` tokens per sequence; decode:
+    weights, the donated cache and the layer scan's copy of it, the working set of one token per sequence; train:
+    `plan`'s training breakdown (fp32 masters, gradients, AdamW moments, activations with remat "full").
+    """
+    check_choice("program", program, PROGRAMS)
+    lay = _get_layout(layout)
+    placement = Placement(lay, resolve_mesh(lay, chips))
+    if program == "train":
+        settings = _Settings("train", "fp32", batch, seq, moment_dtype, "full", "ragged", True, backend="tpu")
+        return _device_memory(config, placement, settings)[0]
+    factors = shard_factors(config, placement)
+    kept = [(leaf, k) for leaf, k in zip(model_leaves(config), factors, strict=True) if not leaf.mtp]
+    b_local = math.ceil(batch / _rule_factor(placement, "act_batch"))
+    cache = b_local * seq * kv_bytes_per_token(config)
+    tokens = b_local * (1 if program == "decode" else (prefill_chunk or seq))
+    out = {"weights": sum(math.ceil(leaf.size / k) * value_bytes(leaf, weights) for leaf, k in kept)}
+    if weights == "fp8":
+        out["fp8_scales"] = sum(math.ceil(leaf.scale_count / k) * F32 for leaf, k in kept)
+    out.update(kv_cache=cache, kv_cache_copy=cache)
+    out.update(_forward_working_set(config, placement, tokens, weights, cached=True))
+    out["logits"] = b_local * math.ceil(config.vocab_size / _rule_factor(placement, "vocab")) * F32
+    return out

@@ -15,7 +15,14 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.moe import STATS_COLLECTION
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.balancing import BiasHook, balance_terms, expert_loads, per_layer_loads, sign_update, update_router
-from dsv3_jax.train.losses import masked_mean, max_violation, mtp_losses, token_cross_entropy
+from dsv3_jax.train.losses import (
+    LOSS_CHUNK,
+    chunked_cross_entropy,
+    chunked_mtp_losses,
+    hidden_states_with_mtp,
+    masked_mean,
+    max_violation,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +51,7 @@ class TrainConfig:
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed (0 disables)
     bias_gamma_stop: int | None = None  # step from which γ = 0
     bias_center: bool = False
+    loss_chunk: int = LOSS_CHUNK  # positions per chunk of the cross-entropy (0: the whole sequence at once)
     seed: int = 0
 
     def __post_init__(self):
@@ -55,6 +63,8 @@ class TrainConfig:
                              f"grad_accum={self.grad_accum}")
         if self.moment_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train config field moment_dtype={self.moment_dtype!r}: use float32 or bfloat16")
+        if self.loss_chunk < 0:
+            raise ValueError(f"train config field loss_chunk must be >= 0, got {self.loss_chunk}")
 
 
 @flax.struct.dataclass
@@ -109,17 +119,20 @@ def _schedules(tc: TrainConfig, step: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss_fn(config: ModelConfig, tc: TrainConfig):
-    """loss(params, router, batch, λ) → (total, aux) for one microbatch {"inputs", "targets"[, "mask"]} [B,T]."""
+    """loss(params, router, batch, λ) → (total, aux) for one microbatch {"inputs", "targets"[, "mask"]} [B,T].
+
+    The cross-entropies are chunked over the sequence (`tc.loss_chunk`): [B,T,V] logits are never materialised.
+    """
     model = Transformer(config)
 
     def loss_fn(params, router, batch, lam):
-        (logits, mtp_logits), mutated = model.apply(
-            {"params": params, "router": router}, batch["inputs"], method=Transformer.forward_with_mtp,
-            mutable=[STATS_COLLECTION])
+        (h_BTD, mtp_h_KBTD), mutated = hidden_states_with_mtp(
+            model, {"params": params, "router": router}, batch["inputs"], mutable=[STATS_COLLECTION])
         stats = mutated.get(STATS_COLLECTION, {})
         mask = batch.get("mask", jnp.ones(batch["targets"].shape, bool))
-        ce = masked_mean(token_cross_entropy(logits, batch["targets"]), mask)
-        mtp = mtp_losses(mtp_logits, batch["targets"], mask)
+        lm_head = params["lm_head"]
+        ce = masked_mean(chunked_cross_entropy(h_BTD, lm_head, batch["targets"], tc.loss_chunk), mask)
+        mtp = chunked_mtp_losses(mtp_h_KBTD, lm_head, batch["targets"], mask, tc.loss_chunk)
         mtp_total = lam * jnp.mean(mtp) if mtp.shape[0] else jnp.zeros((), jnp.float32)
         terms = balance_terms(stats)
         balance = sum(jnp.sum(t) for t in terms) if terms else jnp.zeros((), jnp.float32)
@@ -159,11 +172,13 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
         step = state.step
         lam, gamma = _schedules(tc, step)
         loss, aux, grads, loads = _accumulate(loss_fn, state.params, state.router, batch, lam, tc.grad_accum)
+        # Decided before the update (finite loss and gradients give finite AdamW updates), so each leaf's update
+        # and the guard's select fuse into one pass: no second, unselected copy of the whole state is held.
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         router = update_router(state.router, loads, gamma, hook) if state.router else state.router
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         new = TrainState(step=state.step + 1, params=params, router=router, opt_state=opt_state)
         state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],

@@ -1,7 +1,8 @@
 """Dropless dispatch of token-expert pairs to the routed experts, their SwiGLU, and the weighted combine.
 
 Every implementation has the contract `ffn(x [N,D], experts [N,X], weights [N,X], w_gate [E,D,F], w_up [E,D,F],
-w_down [E,F,D], policy) -> [N,D]` and never drops a token; its cost grows with the number of (token, expert)
+w_down [E,F,D], policy) -> [N,D]` (and a `*_rows(x [M,D], expert [M], ...) -> [M,D]` form without the combine)
+and never drops a token; its cost grows with the number of (token, expert)
 pairs, not with the number of experts:
   - "ragged": sort pairs by expert, `jax.lax.ragged_dot` (grouped GEMM) — GPU/TPU.
   - "blocks": sort pairs by expert, pad each expert's rows to a multiple of a tile, one batched matmul over tiles
@@ -49,14 +50,17 @@ def _inverse_permutation(perm_M: jax.Array) -> jax.Array:
     return jnp.zeros_like(perm_M).at[perm_M].set(jnp.arange(perm_M.shape[0], dtype=perm_M.dtype))
 
 
-def _sort_pairs(x_ND: jax.Array, experts_NX: jax.Array, num_experts: int):
-    """Token copies sorted by expert: (x_sorted [M,D], order [M], inverse [M], sorted expert ids [M], sizes [E])."""
-    flat_M = experts_NX.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+def _sort_rows(x_MD: jax.Array, expert_M: jax.Array, num_experts: int):
+    """Rows sorted by expert: (x_sorted [M,D], order [M], inverse [M], sorted expert ids [M], sizes [E])."""
+    order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
     inverse_M = _inverse_permutation(order_M)
-    sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
-    x_MD = jnp.repeat(x_ND, experts_NX.shape[1], axis=0)  # pair m = n·X + slot
-    return permute_rows(x_MD, order_M, inverse_M), order_M, inverse_M, flat_M[order_M], sizes_E
+    sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
+    return permute_rows(x_MD, order_M, inverse_M), order_M, inverse_M, expert_M[order_M], sizes_E
+
+
+def _pairs(x_ND: jax.Array, experts_NX: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One row per token-expert pair (pair m = n·X + slot): (x [M,D], expert [M])."""
+    return jnp.repeat(x_ND, experts_NX.shape[1], axis=0), experts_NX.reshape(-1)
 
 
 def combine(y_NXD: jax.Array, weights_NX: jax.Array) -> jax.Array:
@@ -65,10 +69,10 @@ def combine(y_NXD: jax.Array, weights_NX: jax.Array) -> jax.Array:
     return out.astype(y_NXD.dtype)
 
 
-def _unsort_combine(y_MD: jax.Array, order_M: jax.Array, inverse_M: jax.Array, weights_NX: jax.Array) -> jax.Array:
-    """Put sorted expert outputs back in (token, slot) order and sum them with their routing weights → [N,D]."""
+def _combine_rows(y_MD: jax.Array, weights_NX: jax.Array) -> jax.Array:
+    """Per-pair expert outputs [M,D] (pair order) summed with their routing weights → [N,D]."""
     n, x = weights_NX.shape
-    return combine(permute_rows(y_MD, inverse_M, order_M).reshape(n, x, -1), weights_NX)
+    return combine(y_MD.reshape(n, x, -1), weights_NX)
 
 
 def tile_size(num_pairs: int, num_experts: int) -> int:
@@ -89,17 +93,25 @@ def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: 
     return dest_M, src_P, jnp.minimum(tile_expert_Z, sizes_E.shape[0] - 1)
 
 
-def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
-    """Dropless expert FFN as one batched matmul over expert-homogeneous tiles (see module docstring)."""
-    e, m = w_gate_EDF.shape[0], experts_NX.size
+def blocks_rows(x_MD: jax.Array, expert_M: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
+                w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Each row through its expert's SwiGLU → [M,D] in row order: one batched matmul over expert-homogeneous
+    tiles (see module docstring)."""
+    e, m = w_gate_EDF.shape[0], expert_M.shape[0]
     tile = tile_size(m, e)
     num_tiles = m // tile + min(e, m)  # static bound on Σ_e ceil(size_e / tile)
-    xs_MD, order_M, inverse_M, expert_M, sizes_E = _sort_pairs(x_ND, experts_NX, e)
-    dest_M, src_P, tile_expert_Z = _tile_layout(expert_M, sizes_E, tile, num_tiles)
+    xs_MD, order_M, inverse_M, sorted_M, sizes_E = _sort_rows(x_MD, expert_M, e)
+    dest_M, src_P, tile_expert_Z = _tile_layout(sorted_M, sizes_E, tile, num_tiles)
     x_ZWD = permute_rows(xs_MD, src_P, dest_M).reshape(num_tiles, tile, -1)
     y_PD = _tile_ffn(x_ZWD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy).reshape(num_tiles * tile, -1)
-    return _unsort_combine(permute_rows(y_PD, dest_M, src_P), order_M, inverse_M, weights_NX)
+    return permute_rows(permute_rows(y_PD, dest_M, src_P), inverse_M, order_M)
+
+
+def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Dropless expert FFN over tiles (`blocks_rows` of every token-expert pair, then the weighted combine)."""
+    return _combine_rows(blocks_rows(*_pairs(x_ND, experts_NX), w_gate_EDF, w_up_EDF, w_down_EFD, policy),
+                         weights_NX)
 
 
 TILE_CHUNK_BYTES = 2 << 20  # expert weights gathered per chunk of tiles: small enough to stay in cache
@@ -120,20 +132,28 @@ def _tile_ffn(x_ZWD, tile_expert_Z, w_gate_EDF, w_up_EDF, w_down_EFD, policy) ->
     return jax.lax.map(one, (x_ZWD, tile_expert_Z), batch_size=chunk)
 
 
-def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
-    """Dropless expert FFN with grouped GEMMs (`jax.lax.ragged_dot`) over pairs sorted by expert.
+def ragged_rows(x_MD: jax.Array, expert_M: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
+                w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Each row through its expert's SwiGLU → [M,D] in row order, with grouped GEMMs (`jax.lax.ragged_dot`) over
+    the rows sorted by expert.
 
     FP8-resident expert weights are dequantised for ragged_dot (no block-scaled grouped GEMM in XLA yet).
     """
-    xs_MD, order_M, inverse_M, _, sizes_E = _sort_pairs(x_ND, experts_NX, w_gate_EDF.shape[0])
-    dtype = x_ND.dtype
+    xs_MD, order_M, inverse_M, _, sizes_E = _sort_rows(x_MD, expert_M, w_gate_EDF.shape[0])
+    dtype = x_MD.dtype
 
-    def gdot(lhs, rhs):
-        return jax.lax.ragged_dot(lhs, as_dense(rhs, dtype), sizes_E, preferred_element_type=jnp.float32).astype(dtype)
+    def gdot(lhs, rhs):  # accumulates in float32 on the MXU / in XLA's dot emitters; no float32 [M, N] copy kept
+        return jax.lax.ragged_dot(lhs, as_dense(rhs, dtype), sizes_E, preferred_element_type=dtype)
 
     h_MF = jax.nn.silu(gdot(xs_MD, w_gate_EDF)) * gdot(xs_MD, w_up_EDF)
-    return _unsort_combine(gdot(h_MF, w_down_EFD), order_M, inverse_M, weights_NX)
+    return permute_rows(gdot(h_MF, w_down_EFD), inverse_M, order_M)
+
+
+def ragged_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
+               w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Dropless expert FFN with grouped GEMMs (`ragged_rows` of every token-expert pair, then the combine)."""
+    return _combine_rows(ragged_rows(*_pairs(x_ND, experts_NX), w_gate_EDF, w_up_EDF, w_down_EFD, policy),
+                         weights_NX)
 
 
 def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
@@ -148,16 +168,38 @@ def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_g
     return jnp.einsum("ned,ne->nd", y_NED, combine_NE, preferred_element_type=jnp.float32).astype(x_ND.dtype)
 
 
+def dense_rows(x_MD: jax.Array, expert_M: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
+               w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
+    """Reference `*_rows`: every expert on every row, the row's own expert kept."""
+    ones_M1 = jnp.ones((expert_M.shape[0], 1), jnp.float32)
+    return dense_ffn(x_MD, expert_M[:, None], ones_M1, w_gate_EDF, w_up_EDF, w_down_EFD, policy)
+
+
 EXPERT_FFNS = {"blocks": blocks_ffn, "ragged": ragged_ffn, "dense": dense_ffn}
+EXPERT_ROWS = {"blocks": blocks_rows, "ragged": ragged_rows, "dense": dense_rows}  # (x [M,D], expert [M]) → [M,D]
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the devices of the active mesh ("tpu" while compiling
+    for an abstract TPU topology on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve_impl(impl: str) -> str:
-    """"auto" → "blocks" on CPU, "ragged" elsewhere."""
+    """"auto" → "blocks" when the compile target is the CPU, "ragged" on GPU/TPU (see `target_platform`)."""
     if impl != "auto":
         return impl
-    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    return "blocks" if target_platform() == "cpu" else "ragged"
 
 
 def expert_ffn(impl: str):
     """The dispatch + expert FFN + combine function for a config's `moe_impl` (see the module docstring)."""
     return EXPERT_FFNS[resolve_impl(impl)]
+
+
+def expert_rows(impl: str):
+    """The per-row expert SwiGLU (no combine) for a config's `moe_impl`: what expert parallelism runs on the rows
+    a device receives."""
+    return EXPERT_ROWS[resolve_impl(impl)]
