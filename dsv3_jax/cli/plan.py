@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from dsv3_jax.config import PRESETS, ModelConfig
+from dsv3_jax.config import FP8_IMPLS, PRESETS, ModelConfig
 from dsv3_jax.errors import ConfigError, PlanError
 from dsv3_jax.plan.aot import DEFAULT_PREFILL_CHUNK, PROGRAMS, Program, compile_program, require_fit
 from dsv3_jax.plan.chips import CHIPS
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, config_required: bool = Tr
     parser.add_argument("--layers", type=int, default=None, help="with --compile: this many layers, same widths")
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                         help="with --compile --program prefill: prompt tokens per step")
+    parser.add_argument("--fp8-impl", choices=FP8_IMPLS, default=None,
+                        help="with --compile --weights fp8: the FP8 matmul (default: the config's)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -84,6 +86,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """`--compile TOPOLOGY`: compile the program for the slice (plan.aot); exit 2 with the shortfall if it does not
     fit."""
     config, name = load_config(args.config)
+    if args.fp8_impl:
+        config = config.replace(fp8_impl=args.fp8_impl)
     if args.mesh is None:
         raise PlanError("mesh: --compile needs --mesh LAYOUT (a layout of sharding/layouts.toml)")
     program = Program(args.program, args.batch, args.seq, "bf16" if args.program == "train" else args.weights,
