@@ -29,8 +29,24 @@ def _mesh_axes(value) -> tuple[str, ...]:
     return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
-def token_axes(layout: Layout) -> tuple[str, ...]:
+def batch_axes(layout: Layout) -> tuple[str, ...]:
+    """Mesh axes the batch (sequences, and the latent cache) is split over: the "act_batch" rule."""
     return _mesh_axes(layout.rules_dict.get("act_batch"))
+
+
+def seq_axes(layout: Layout) -> tuple[str, ...]:
+    """Mesh axes each sequence's tokens are split over (sequence parallelism for long prompts): "act_seq"."""
+    return _mesh_axes(layout.rules_dict.get("act_seq"))
+
+
+def token_axes(layout: Layout) -> tuple[str, ...]:
+    """Mesh axes of the flattened token dimension N = B·T: the batch's (major), then the sequence's."""
+    return batch_axes(layout) + seq_axes(layout)
+
+
+def tokens_spec(layout: Layout) -> PartitionSpec:
+    """PartitionSpec of token ids [B,T] under `layout`."""
+    return PartitionSpec(batch_axes(layout) or None, seq_axes(layout) or None)
 
 
 def expert_parallel_for(layout: Layout, mesh: Mesh) -> ExpertParallel | None:
@@ -49,8 +65,10 @@ def activate(layout: Layout, mesh: Mesh):
         yield
 
 
-def check_divisible(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None = None) -> None:
-    """The mesh must divide the experts, heads and batch it shards; else ShardingError naming the field."""
+def check_divisible(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int | None = None,
+                    seq: int | None = None) -> None:
+    """The mesh must divide the experts, heads, batch and sequence (tokens per step) it shards; else
+    ShardingError naming the field."""
     rules = layout.rules_dict
 
     def size(logical: str) -> int:
@@ -61,6 +79,8 @@ def check_divisible(config: ModelConfig, layout: Layout, mesh: Mesh, batch: int 
               ("vocab_size", config.vocab_size, size("vocab"))]
     if batch is not None:
         checks.append(("batch", batch, size("act_batch")))
+    if seq is not None:
+        checks.append(("sequence (tokens per step)", seq, size("act_seq")))
     for name, value, parts in checks:
         if parts > 1 and value % parts:
             raise ShardingError(f"layout {layout.name!r}: {name}={value} is not divisible by its mesh axes "
@@ -101,7 +121,8 @@ def init_sharded(config: ModelConfig, layout: Layout, mesh: Mesh, rng: int = 0):
 
 
 def batch_sharding(layout: Layout, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(token_axes(layout) or None))
+    """Sharding of token ids [B,T]."""
+    return NamedSharding(mesh, tokens_spec(layout))
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,7 +198,7 @@ def generate(config: ModelConfig, variables, prompt_ids, max_new_tokens: int, la
 def decoding(layout: Layout, mesh: Mesh):
     """Trace decoding under `layout`: weights as the rules say, the (small) batch unsharded, the MoE through
     GSPMD collectives rather than the all-to-all dispatch."""
-    rules = [(k, v) for k, v in layout.rules if k != "act_batch"]
+    rules = [(k, v) for k, v in layout.rules if k not in ("act_batch", "act_seq")]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 

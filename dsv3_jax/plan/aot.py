@@ -13,7 +13,7 @@ state is `jax.eval_shape` of `train.step.init_state`.
 
 Per device (one chip, or one TensorCore where libtpu exposes two per chip) it reports XLA's `memory_analysis()`:
 argument, output, temporary and aliased bytes — total = argument + output + temp − alias — against the HBM the
-compiler may use, beside the planner's figure for the same program (`plan.planner.program_memory`). FLOPs and
+compiler may use, beside the planner's figure for the same program (`plan.programs.program_memory`). FLOPs and
 bytes per step come from `cost_analysis()`, scaled to the whole program by `plan.costs` (XLA counts each loop body
 once); the roofline bound max(FLOPs / peak, bytes / HBM bandwidth) is an estimate, not a measurement.
 
@@ -41,11 +41,11 @@ from dsv3_jax.parallel import api as parallel_api
 from dsv3_jax.parallel.rules import Layout, get_layout, make_mesh
 from dsv3_jax.plan import planner
 from dsv3_jax.plan.costs import program_counts
+from dsv3_jax.plan.programs import PROGRAMS, program_memory
 from dsv3_jax.plan.targets import GIB, Target, get_target
 from dsv3_jax.quant.fp8 import quantize_params
 from dsv3_jax.train.step import TrainConfig, init_state, jit_train_step, make_optimizer, make_train_step
 
-PROGRAMS = ("prefill", "decode", "train")
 WEIGHTS = ("bf16", "fp8")
 DEFAULT_PREFILL_CHUNK = 4096
 
@@ -77,6 +77,11 @@ class Program:
         if self.seq % chunk:
             raise PlanError(f"prefill_chunk: {self.prefill_chunk} does not divide seq={self.seq}")
         return chunk
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens per sequence one step of the program processes: a prefill chunk, 1 in decode, T in training."""
+        return {"prefill": self.chunk, "decode": 1}.get(self.kind, self.seq)
 
     @property
     def tokens(self) -> int:
@@ -231,7 +236,7 @@ def _with_shardings(tree, shardings):
 
 def _cache_shardings(cache, layout: Layout, mesh):
     """The latent cache [..., B, S, C] split over the batch's mesh axes."""
-    batch = parallel_api.token_axes(layout) or None
+    batch = parallel_api.batch_axes(layout) or None
     return jax.tree_util.tree_map(
         lambda a: NamedSharding(mesh, PartitionSpec(*([None] * (a.ndim - 3)), batch)), cache)
 
@@ -288,7 +293,7 @@ def train_config(program: Program) -> TrainConfig:
 def _jitted(config: ModelConfig, program: Program, layout: Layout, mesh):
     """(jitted function with shardings, its abstract args) for the program under the layout. Built outside the
     layout's context: abstract values only, nothing placed on the (abstract) devices."""
-    tokens = NamedSharding(mesh, PartitionSpec(parallel_api.token_axes(layout) or None))
+    tokens = parallel_api.batch_sharding(layout, mesh)
     if program.kind == "train":
         tc = train_config(program)
         optimizer = make_optimizer(tc)
@@ -351,7 +356,7 @@ def _cost(compiled) -> tuple[float, float]:
 
 def _check_divides(config: ModelConfig, program: Program, layout: Layout, mesh) -> None:
     try:
-        parallel_api.check_divisible(config, layout, mesh, program.batch)
+        parallel_api.check_divisible(config, layout, mesh, program.batch, program.step_tokens)
     except ShardingError as e:
         raise PlanError(f"layout: {e}") from None
 
@@ -371,7 +376,7 @@ def compile_program(config: ModelConfig, program: Program, topology: str, layout
     mesh = _mesh(layout, target)
     config = program_config(with_layers(config, layers), program)
     _check_divides(config, program, layout, mesh)
-    plan_parts = planner.program_memory(config, program.kind, program.batch, program.seq, layout=layout_name,
+    plan_parts = program_memory(config, program.kind, program.batch, program.seq, layout=layout_name,
                                         chips=len(target.devices), weights=program.weights,
                                         prefill_chunk=program.chunk if program.kind == "prefill" else None)
     result = AotResult(

@@ -47,17 +47,6 @@ values over S = T keys, as the implementation computes the full masked square); 
 depths' forward); decode (absorbed attention over a cache of T) = 2 × (active − embedding) + per layer
 2·H·T·(2C + R).
 
-Compiled TPU programs (`program_memory`, checked against XLA's memory analysis by `plan.aot` and
-experiments/aot_compile.py): prefill and decode hold the weights (no MTP), the latent cache twice (the program's
-output or donated input, and the layer scan's working copy), one layer's slice of the stacked weights and the
-largest layer's forward working set — under expert parallelism 4 × rows × D (send, receive, expert output,
-return; rows = devices × the round's capacity) + 3 × rows × F_local + 2 × pairs × D, attention
-tokens × heads × (4C + 2R) (absorbed), the residual stream 8a + 2f per token and element of D; FP8 experts are
-dequantised for ragged_dot (2f + a per element). Training on the TPU adds to the formulas above: the compiler casts
-every layer stack to the compute dtype once, before the layer loops (all copies live), the chunked loss keeps one
-chunk's logits (3 × chunk × V_local × f) plus the output head gathered whole (a + f per element) when FSDP splits
-it, blockwise attention keeps no [H,T,S] scores, and the loss phase and the layers' backward do not overlap.
-
 Decode bound: per step each device reads its share of the non-embedding main-model weights (routed experts only
 in the expected touched fraction 1 − (1 − X/E)^B for a batch of B tokens) and its KV cache shard; tokens/s ≤
 B · bandwidth / (bytes read per device). MTP weights are not read (no speculative decoding in the bound).
@@ -66,20 +55,16 @@ B · bandwidth / (bytes read per device). MTP weights are not read (no speculati
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from dsv3_jax import config as config_lib
 from dsv3_jax.config import PRESETS, ModelConfig
-from dsv3_jax.errors import PlanError, ShardingError
+from dsv3_jax.errors import PlanError
 from dsv3_jax.model.attention import resolve_attention_impl
 from dsv3_jax.model.moe.dispatch import tile_size
-from dsv3_jax.model.moe.expert_parallel import capacity
-from dsv3_jax.parallel import Layout, get_layout, to_mesh_spec
 from dsv3_jax.plan.chips import CHIPS, Chip
 from dsv3_jax.plan.counts import (
     F32,
@@ -95,6 +80,17 @@ from dsv3_jax.plan.counts import (
     value_bytes,
     weight_bytes_by_dtype,
 )
+from dsv3_jax.plan.placement import (
+    Placement,
+    default_layout,
+    leaf_mesh_axes,
+    mesh_axes_of,
+    moe_rows,
+    plan_layout,
+    resolve_mesh,
+    rule_factor,
+    shard_factors,
+)
 from dsv3_jax.plan.result import Plan
 from dsv3_jax.train.losses import LOSS_CHUNK
 
@@ -102,110 +98,7 @@ MODES = ("infer", "train")
 REMATS = ("none", "full")
 MOE_IMPLS = tuple(i for i in config_lib.MOE_IMPLS if i in ("ragged", "blocks"))  # what the planner sizes
 MOMENT_DTYPES = ("bfloat16", "float32")
-HEAD_AXES = ("q_heads", "kv_heads", "o_heads")
 MAX_SEARCH_CHIPS = 65536
-
-# Logical axis → the config field whose size it carries (for error messages).
-_AXIS_FIELDS = {
-    "vocab": "vocab_size", "embed": "hidden_size", "expert_embed": "hidden_size", "mlp": "intermediate_size",
-    "expert_mlp": "moe_intermediate_size", "expert": "n_routed_experts", "router_expert": "n_routed_experts",
-    "q_lora": "q_lora_rank", "kv_lora": "kv_lora_rank", "kv_a": "kv_lora_rank + qk_rope_head_dim",
-    "q_heads": "num_attention_heads * qk_head_dim", "kv_heads": "num_attention_heads * (qk_nope + v_head_dim)",
-    "o_heads": "num_attention_heads * v_head_dim", "mtp_concat": "2 * hidden_size", "layers": "num_hidden_layers",
-    "norm": "norm width",
-}
-
-
-
-# ---------------------------------------------------------------- placement
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """A layout and the sizes of its mesh axes (axis name → devices)."""
-
-    layout: Any  # sharding.Layout
-    mesh: dict[str, int]
-
-    @property
-    def chips(self) -> int:
-        return math.prod(self.mesh.values())
-
-
-def _get_layout(name: str):
-    try:
-        return get_layout(name)
-    except ShardingError as e:
-        raise PlanError(f"layout: {e}") from None
-
-
-def default_layout(config: ModelConfig, chips: int):
-    """The placement used with --chips N and no layout: experts over gcd(N, E), the rest replicated, batch over N."""
-    experts = math.gcd(chips, config.n_routed_experts) if config.n_routed_experts else 1
-    rules = dict(_get_layout("single").rules)
-    rules.update(expert="expert", act_batch=("data", "expert"))
-    return Layout(f"auto-ep{experts}", (("data", -1), ("expert", experts)), tuple(rules.items()))
-
-
-def resolve_mesh(layout, chips: int | None) -> dict[str, int]:
-    """Mesh axis sizes: -1 takes the devices the other axes leave (1 when chips is None)."""
-    sizes = dict(layout.mesh_axes)
-    free = [name for name, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise PlanError(f"layout: {layout.name!r} has more than one -1 axis: {sizes}")
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if chips is None:
-        return {name: 1 if size == -1 else size for name, size in sizes.items()}
-    if chips % known or (not free and chips != known):
-        need = f"a multiple of {known}" if free else f"exactly {known}"
-        raise PlanError(f"chips: layout {layout.name!r} with axes {sizes} needs {need} chips, got {chips}")
-    return {name: chips // known if size == -1 else size for name, size in sizes.items()}
-
-
-def _mesh_axes_of(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-@functools.lru_cache(maxsize=64)
-def _leaf_mesh_axes(config: ModelConfig, layout) -> tuple[tuple[tuple[str, ...], ...], ...]:
-    """Per leaf, per dimension, the mesh axes the layout shards it over (via sharding.to_mesh_spec)."""
-    out = []
-    for leaf in model_leaves(config):
-        try:
-            spec = to_mesh_spec(PartitionSpec(*leaf.axes), layout, leaf.path)
-        except ShardingError as e:
-            raise PlanError(f"layout: {e}") from None
-        out.append(tuple(_mesh_axes_of(entry) for entry in tuple(spec) + (None,) * (len(leaf.shape) - len(spec))))
-    return tuple(out)
-
-
-def _rule_factor(placement: Placement, logical: str) -> int:
-    """Devices a logical activation axis is split over under the layout's rules (1 = replicated)."""
-    rules = placement.layout.rules_dict
-    return math.prod(placement.mesh.get(name, 1) for name in _mesh_axes_of(rules.get(logical)))
-
-
-def shard_factors(config: ModelConfig, placement: Placement) -> tuple[int, ...]:
-    """Per leaf, the number of devices it is split over; raises PlanError when a mesh axis does not divide it."""
-    factors = []
-    for leaf, dims in zip(model_leaves(config), _leaf_mesh_axes(config, placement.layout), strict=True):
-        total = 1
-        for size, logical, names in zip(leaf.shape, leaf.axes, dims, strict=True):
-            missing = [n for n in names if n not in placement.mesh]
-            if missing:
-                raise PlanError(f"layout: {placement.layout.name!r} maps {logical!r} to unknown mesh axes {missing}")
-            k = math.prod(placement.mesh[n] for n in names)
-            field = _AXIS_FIELDS.get(str(logical), str(logical))
-            if logical in HEAD_AXES and config.num_attention_heads % k:
-                raise PlanError(f"num_attention_heads={config.num_attention_heads} is not divisible by mesh axes "
-                                f"{names} of size {k} (layout {placement.layout.name!r}, {leaf.path})")
-            if size % k:
-                raise PlanError(f"{field}={size} is not divisible by mesh axes {names} of size {k} "
-                                f"(layout {placement.layout.name!r}, {leaf.path})")
-            total *= k
-        factors.append(total)
-    return tuple(factors)
-
 
 # ---------------------------------------------------------------- KV cache, activations, FLOPs
 
@@ -227,7 +120,7 @@ def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl:
     """Routed-expert dispatch buffers of one MoE layer on one device (balanced routing, `experts` local experts).
 
     rows: rows the expert FFN runs on under expert parallelism (one round of every destination's capacity,
-    `_moe_rows`); the send / receive / return buffers are rows × D each, the pair-ordered copies pairs × D."""
+    `moe_rows`); the send / receive / return buffers are rows × D each, the pair-ordered copies pairs × D."""
     d, f = c.hidden_size, c.moe_intermediate_size
     pairs = tokens * c.num_experts_per_tok
     if rows is not None:
@@ -309,7 +202,7 @@ def _check_positive(field: str, value: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
+class Settings:
     mode: str
     weights: str
     batch: int
@@ -321,12 +214,12 @@ class _Settings:
     backend: str = "cpu"  # "tpu": the TPU compiler's program (plan.aot) — see activation_breakdown's options
 
 
-def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> tuple[dict[str, int], dict[str, int]]:
+def device_memory(config: ModelConfig, placement: Placement, s: Settings) -> tuple[dict[str, int], dict[str, int]]:
     """(breakdown counted against the chip, extra figures) for one device under a placement."""
     leaves = model_leaves(config)
     factors = shard_factors(config, placement)
     kept = [(leaf, k) for leaf, k in zip(leaves, factors, strict=True) if s.mtp or not leaf.mtp]
-    batch_shards = _rule_factor(placement, "act_batch")
+    batch_shards = rule_factor(placement, "act_batch")
     b_local = math.ceil(s.batch / batch_shards)
     a = itemsize(config.dtype)
     extra: dict[str, int] = {}
@@ -334,7 +227,7 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
         values = sum(math.ceil(leaf.size / k) * value_bytes(leaf, s.weights) for leaf, k in kept)
         scales = sum(math.ceil(leaf.scale_count / k) * F32 for leaf, k in kept) if s.weights == "fp8" else 0
         cache = b_local * s.seq * kv_bytes_per_token(config)
-        vocab = math.ceil(config.vocab_size / _rule_factor(placement, "vocab"))
+        vocab = math.ceil(config.vocab_size / rule_factor(placement, "vocab"))
         working = b_local * (config.num_attention_heads * s.seq * (F32 + a) + 2 * vocab * F32
                              + 16 * a * config.hidden_size)
         out = {"weights": values, "fp8_scales": scales, "kv_cache": cache, "decode_working_set": working}
@@ -342,7 +235,7 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
     params = [(leaf, k) for leaf, k in kept if leaf.collection == "params"]
     master = sum(math.ceil(leaf.size / k) for leaf, k in params)
     router = sum(math.ceil(leaf.size / k) for leaf, k in kept if leaf.collection != "params")
-    local_experts = math.ceil(config.n_routed_experts / _rule_factor(placement, "expert"))
+    local_experts = math.ceil(config.n_routed_experts / rule_factor(placement, "expert"))
     copies = head_copies = 0
     if a != F32:  # the matmuls cast the fp32 masters to the compute dtype; autodiff keeps the copies
         layer_kinds = ("linear",)
@@ -356,7 +249,7 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
     head_copies += compiled.pop("head_gathered", 0)
     acts = {remat: sum(activation_breakdown(
         cfg, s.batch, s.seq, remat=remat, moe_impl=s.moe_impl, batch_shards=batch_shards,
-        local_experts=local_experts, vocab_shards=_rule_factor(placement, "vocab"),
+        local_experts=local_experts, vocab_shards=rule_factor(placement, "vocab"),
         weight_copy_bytes=copies, head_copy_bytes=head_copies, **compiled).values()) for remat in REMATS}
     extra.update(activation_bytes_none=acts["none"], activation_bytes_full=acts["full"])
     out = {"params_fp32": master * F32 + router * F32, "grads_fp32": master * F32,
@@ -365,17 +258,17 @@ def _device_memory(config: ModelConfig, placement: Placement, s: _Settings) -> t
     return out, extra
 
 
-def _compiled_options(config: ModelConfig, placement: Placement, s: _Settings, params) -> dict[str, Any]:
+def _compiled_options(config: ModelConfig, placement: Placement, s: Settings, params) -> dict[str, Any]:
     """activation_breakdown options for the TPU program `plan.aot` compiles: the attention the model picks at this
     length, expert-parallel rounds, the chunked loss, hoisted weight copies, and the output head gathered whole
     (bf16 copy + float32 gradient) when FSDP splits it along D."""
-    b_local = math.ceil(s.batch / _rule_factor(placement, "act_batch"))
+    b_local = math.ceil(s.batch / rule_factor(placement, "act_batch"))
     tokens = b_local * s.seq
-    pairs, rows = _moe_rows(config, placement, tokens)
+    pairs, rows = moe_rows(config, placement, tokens)
     head_gathered = 0
     for leaf, k in params:
         if leaf.kind == "head" and k > 1:
-            vocab = math.ceil(leaf.size / config.hidden_size / _rule_factor(placement, "vocab"))
+            vocab = math.ceil(leaf.size / config.hidden_size / rule_factor(placement, "vocab"))
             head_gathered += config.hidden_size * vocab * (itemsize(config.dtype) + F32)
     return {"attention_impl": resolve_attention_impl(config, s.seq, s.seq),
             "dispatch_rows": rows if rows != pairs else None, "loss_chunk": LOSS_CHUNK, "hoisted_copies": True,
@@ -397,7 +290,7 @@ def _candidate_placements(config: ModelConfig, layout_name: str | None, batch: i
             layout = default_layout(config, chips)
             yield Placement(layout, resolve_mesh(layout, chips))
         return
-    layout = _get_layout(layout_name)
+    layout = plan_layout(layout_name)
     sizes = dict(layout.mesh_axes)
     known = math.prod(size for size in sizes.values() if size != -1)
     free = [name for name, size in sizes.items() if size == -1]
@@ -413,8 +306,8 @@ def _candidate_placements(config: ModelConfig, layout_name: str | None, batch: i
 def _free_axis_limit(config: ModelConfig, layout, axis: str, batch: int) -> int:
     """Past this size of the -1 axis nothing more is split over it (largest dimension it shards, or the batch)."""
     rules = layout.rules_dict
-    useful = batch if axis in _mesh_axes_of(rules.get("act_batch")) else 1
-    for leaf, dims in zip(model_leaves(config), _leaf_mesh_axes(config, layout), strict=True):
+    useful = batch if axis in mesh_axes_of(rules.get("act_batch")) else 1
+    for leaf, dims in zip(model_leaves(config), leaf_mesh_axes(config, layout), strict=True):
         useful = max([useful] + [size for size, names in zip(leaf.shape, dims, strict=True) if axis in names])
     return useful
 
@@ -424,7 +317,7 @@ def _default_search_limit(config: ModelConfig, batch: int) -> int:
     return min(MAX_SEARCH_CHIPS, experts * math.ceil(batch / experts))
 
 
-def min_chips(config: ModelConfig, chip: Chip, settings: _Settings, layout_name: str | None = None,
+def min_chips(config: ModelConfig, chip: Chip, settings: Settings, layout_name: str | None = None,
               headroom: float = 0.1) -> int | None:
     """Fewest chips of `chip` whose per-device memory fits (1 − headroom) of HBM; None if none up to the limit.
 
@@ -432,7 +325,7 @@ def min_chips(config: ModelConfig, chip: Chip, settings: _Settings, layout_name:
     """
     for placement in _candidate_placements(config, layout_name, settings.batch):
         try:
-            breakdown, _ = _device_memory(config, placement, settings)
+            breakdown, _ = device_memory(config, placement, settings)
         except PlanError:
             continue
         if _fits(sum(breakdown.values()), chip, headroom):
@@ -440,7 +333,7 @@ def min_chips(config: ModelConfig, chip: Chip, settings: _Settings, layout_name:
     return None
 
 
-def _decode_bound(config: ModelConfig, placement: Placement, s: _Settings, chip: Chip) -> float:
+def _decode_bound(config: ModelConfig, placement: Placement, s: Settings, chip: Chip) -> float:
     """Upper bound on decode tokens/s: batch / (bytes each device reads per step / HBM bandwidth)."""
     leaves = model_leaves(config)
     factors = shard_factors(config, placement)
@@ -454,22 +347,22 @@ def _decode_bound(config: ModelConfig, placement: Placement, s: _Settings, chip:
         if s.weights == "fp8":
             nbytes += math.ceil(leaf.scale_count / k) * F32
         read += nbytes * (touched if leaf.routed else 1.0)
-    b_local = math.ceil(s.batch / _rule_factor(placement, "act_batch"))
+    b_local = math.ceil(s.batch / rule_factor(placement, "act_batch"))
     read += b_local * s.seq * kv_bytes_per_token(config)
     return s.batch * chip.bandwidth / read
 
 
-def _notes(placement: Placement, s: _Settings, hw: Chip, chip: str) -> list[str]:
+def _notes(placement: Placement, s: Settings, hw: Chip, chip: str) -> list[str]:
     """What the figures assume, in words."""
     notes: list[str] = []
     batch, mode, weights = s.batch, s.mode, s.weights
-    batch_shards = _rule_factor(placement, "act_batch")
+    batch_shards = rule_factor(placement, "act_batch")
     if batch % batch_shards:
         notes.append(f"batch {batch} is not a multiple of the {batch_shards} devices it is split over: "
                      f"figures are for the fullest device ({math.ceil(batch / batch_shards)} sequence(s))")
     if mode == "train":
         notes.append("training keeps fp32 master weights whatever --weights says; AdamW second moment in fp32")
-        if _rule_factor(placement, "expert") > 1:
+        if rule_factor(placement, "expert") > 1:
             notes.append("dispatch buffers assume balanced routing (each device receives its share of the "
                          "token-expert pairs); a worst-case-sized all-to-all buffer is expert-axis times larger")
     else:
@@ -516,20 +409,20 @@ def plan(config: ModelConfig, weights: str = "fp8", mode: str = "infer", batch: 
     """
     impl = _check_inputs(config, weights, mode, batch, seq, chips, chip, headroom, moment_dtype, remat, moe_impl)
     hw = CHIPS[chip]
-    settings = _Settings(mode, weights, batch, seq, moment_dtype, remat, impl, mtp)
+    settings = Settings(mode, weights, batch, seq, moment_dtype, remat, impl, mtp)
     notes: list[str] = []
 
     fewest = min_chips(config, hw, settings, layout, headroom)
     size = chips if chips is not None else fewest  # the chip count the per-device figures are for
     if layout is not None:
-        lay = _get_layout(layout)
+        lay = plan_layout(layout)
     else:
         size = size or _default_search_limit(config, batch)
         lay = default_layout(config, size)
     if chips is None and fewest is None:
         notes.append(f"nothing fits up to the search limit: per-device figures for {size or 'the smallest'} mesh")
     placement = Placement(lay, resolve_mesh(lay, size))
-    breakdown, extra = _device_memory(config, placement, settings)  # raises PlanError if the mesh does not divide
+    breakdown, extra = device_memory(config, placement, settings)  # raises PlanError if the mesh does not divide
     total = sum(breakdown.values())
 
     counts = count_params(config)
@@ -568,80 +461,3 @@ def _preset_name(config: ModelConfig) -> str:
 
 
 
-
-# ---------------------------------------------------------------- compiled programs (plan.aot)
-
-PROGRAMS = ("prefill", "decode", "train")
-
-
-def _moe_rows(config: ModelConfig, placement: Placement, tokens: int) -> tuple[int, int]:
-    """(token-expert pairs of `tokens` local tokens, rows the expert FFN runs on one device): with expert
-    parallelism (experts over a mesh axis the tokens are split over) each of the Y destinations gets a round of
-    `capacity` rows (model.moe.expert_parallel); otherwise the FFN runs on the local pairs."""
-    pairs = tokens * config.num_experts_per_tok
-    rules = placement.layout.rules_dict
-    expert_axes = _mesh_axes_of(rules.get("expert"))
-    ep = _rule_factor(placement, "expert")
-    if len(expert_axes) == 1 and expert_axes[0] in _mesh_axes_of(rules.get("act_batch")) and ep > 1:
-        return pairs, ep * capacity(pairs, ep)
-    return pairs, pairs
-
-
-def _moe_layer_leaves(config: ModelConfig, placement: Placement):
-    """(leaf, devices it is split over, layers it stacks) of the MoE stack: one layer's weights are a slice."""
-    factors = shard_factors(config, placement)
-    for leaf, k in zip(model_leaves(config), factors, strict=True):
-        if "moe_layers" in leaf.path.split("/") and not leaf.mtp:
-            yield leaf, k, max(config.num_moe_layers, 1)
-
-
-def _forward_working_set(config: ModelConfig, placement: Placement, tokens: int, weights: str,
-                         cached: bool) -> dict[str, int]:
-    """Bytes one device holds at the peak of the largest layer's forward (an MoE layer), for `tokens` local tokens
-    (formulas measured against the TPU compiler's buffer assignment, tests/test_aot.py)."""
-    c, a = config, itemsize(config.dtype)
-    d, h = c.hidden_size, math.ceil(c.num_attention_heads / _rule_factor(placement, "q_heads"))
-    f_local = math.ceil(c.moe_intermediate_size / _rule_factor(placement, "expert_mlp"))
-    pairs, rows = _moe_rows(c, placement, tokens)
-    out = {"moe_dispatch": rows * (4 * d * a + 3 * f_local * a) + 2 * pairs * d * a}
-    if c.num_moe_layers > 1:  # this layer's slice of the scanned stacks (a stack of one is used in place)
-        out["layer_weights"] = sum(math.ceil(leaf.size / k) // n * value_bytes(leaf, weights) for leaf, k, n in
-                                   _moe_layer_leaves(c, placement))
-    if weights == "fp8":  # experts dequantised for ragged_dot: float32 products, bf16 result
-        out["fp8_dequantised"] = sum(math.ceil(leaf.size / k) // n * (2 * F32 + a) for leaf, k, n in
-                                     _moe_layer_leaves(c, placement) if leaf.routed)
-    width = 4 * c.kv_lora_rank + 2 * c.qk_rope_head_dim if cached else (
-        2 * c.qk_nope_head_dim + c.qk_rope_head_dim + 2 * c.v_head_dim)
-    out["attention"] = tokens * h * width * a
-    out["residual_stream"] = tokens * d * (8 * a + 2 * F32)
-    return out
-
-
-def program_memory(config: ModelConfig, program: str, batch: int, seq: int, *, layout: str, chips: int,
-                   weights: str = "bf16", prefill_chunk: int | None = None,
-                   moment_dtype: str = "bfloat16") -> dict[str, int]:
-    """Per-device bytes of one program compiled by `plan.aot` (what XLA's argument + output + temp − alias holds).
-
-    prefill: weights (no MTP: generation without drafting), the latent cache written (output) and its working copy
-    (the layer scan's carry), the forward working set of one chunk of `prefill_chunk` tokens per sequence; decode:
-    weights, the donated cache and the layer scan's copy of it, the working set of one token per sequence; train:
-    `plan`'s training breakdown (fp32 masters, gradients, AdamW moments, activations with remat "full").
-    """
-    check_choice("program", program, PROGRAMS)
-    lay = _get_layout(layout)
-    placement = Placement(lay, resolve_mesh(lay, chips))
-    if program == "train":
-        settings = _Settings("train", "fp32", batch, seq, moment_dtype, "full", "ragged", True, backend="tpu")
-        return _device_memory(config, placement, settings)[0]
-    factors = shard_factors(config, placement)
-    kept = [(leaf, k) for leaf, k in zip(model_leaves(config), factors, strict=True) if not leaf.mtp]
-    b_local = math.ceil(batch / _rule_factor(placement, "act_batch"))
-    cache = b_local * seq * kv_bytes_per_token(config)
-    tokens = b_local * (1 if program == "decode" else (prefill_chunk or seq))
-    out = {"weights": sum(math.ceil(leaf.size / k) * value_bytes(leaf, weights) for leaf, k in kept)}
-    if weights == "fp8":
-        out["fp8_scales"] = sum(math.ceil(leaf.scale_count / k) * F32 for leaf, k in kept)
-    out.update(kv_cache=cache, kv_cache_copy=cache)
-    out.update(_forward_working_set(config, placement, tokens, weights, cached=True))
-    out["logits"] = b_local * math.ceil(config.vocab_size / _rule_factor(placement, "vocab")) * F32
-    return out

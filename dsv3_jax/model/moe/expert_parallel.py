@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.moe.dispatch import expert_rows, permute_rows
+from dsv3_jax.model.moe.dispatch import expert_ffn, expert_rows, permute_rows
 
 CAPACITY_FACTOR = 2.0  # room per (source, destination) pair and round, in units of the balanced share
 _WEIGHT_AXES = {"gate_up": ("expert", "expert_embed", "expert_mlp"), "down": ("expert", "expert_mlp", "expert_embed")}
@@ -117,6 +117,10 @@ class ExpertParallel:
         if config.n_routed_experts % self.size:
             raise ValueError(f"n_routed_experts={config.n_routed_experts} is not divisible by the "
                              f"{self.expert_axis!r} mesh axis of size {self.size}")
+        if x_ND.shape[0] % math.prod(self.mesh.shape[a] for a in self.token_axes):
+            # fewer tokens than devices (e.g. one decode token of a sequence-parallel layout): GSPMD collectives
+            return expert_ffn(config.moe_impl)(x_ND, experts_NX, weights_NX, w_gate, w_up, w_down,
+                                               config.matmul_policy)
         embed, mlp = self._split_axes()
         tokens = PartitionSpec(self.token_axes)
         gate_up = PartitionSpec(self.expert_axis, embed or None, mlp or None)
