@@ -39,6 +39,7 @@ ROWS = {
                                  {"fp8_impl": "weight_only"}),
     "decode-fp8-tpu7x-8-128k": ("decode", "fp8", 16, 131072, "tpu7x:2x2x2", "infer-ep", 4096,
                                 {"fp8_impl": "weight_only"}),
+    "decode-fp8-v5p-16": ("decode", "fp8", 32, 4096, "v5p:2x2x4", "infer-ep", 4096, {"fp8_impl": "weight_only"}),
     "decode-bf16-v5p-64": ("decode", "bf16", 64, 32768, "v5p:4x4x4", "infer-ep-tp4", 4096, {}),
     "train-v5p-128": ("train", "bf16", 128, 4096, "v5p:4x4x8", "train-fsdp-ep64", 4096, {}),
     "train-v5p-256": ("train", "bf16", 256, 4096, "v5p:4x8x8", "train-fsdp-ep64", 4096, {}),

@@ -59,9 +59,12 @@ def test_target_figures():
 # ---------------------------------------------------------------- planner vs XLA (671B widths, 2 layers)
 
 
-@pytest.mark.parametrize(("program", "batch", "seq"), [("decode", 8, 4096), ("prefill", 4, 512)])
-def test_planner_agrees_with_xla_at_671b_widths(program, batch, seq):
-    result = aot.compile_program(V3, aot.Program(program, batch, seq, "bf16"), "v5p:2x2x1", "infer-ep", layers=2,
+@pytest.mark.parametrize(("program", "batch", "seq", "layout"), [
+    ("decode", 8, 4096, "infer-ep"), ("prefill", 4, 512, "infer-ep"),
+    ("prefill", 1, 8192, "infer-ep-seq"),  # one long prompt, its chunks' tokens over the devices
+])
+def test_planner_agrees_with_xla_at_671b_widths(program, batch, seq, layout):
+    result = aot.compile_program(V3, aot.Program(program, batch, seq, "bf16", 2048), "v5p:2x2x1", layout, layers=2,
                                  costs=False)
     _agree(result)
 
@@ -70,6 +73,8 @@ def test_planner_agrees_with_xla_at_671b_widths(program, batch, seq):
 @pytest.mark.parametrize(("program", "weights", "batch", "seq", "topology", "layout", "chunk"), [
     ("prefill", "bf16", 16, 4096, "v5p:4x4x4", "infer-ep-tp4", 4096),
     ("decode", "fp8", 32, 32768, "tpu7x:2x2x2", "infer-ep", 4096),
+    ("prefill", "fp8", 1, 131072, "tpu7x:2x2x2", "infer-ep-seq", 4096),  # 128K prompt
+    ("decode", "fp8", 16, 131072, "tpu7x:2x2x2", "infer-ep", 4096),  # a 131,072-slot cache per sequence
     ("train", "bf16", 256, 4096, "v5p:4x8x8", "train-fsdp-ep64", 4096),
 ])
 def test_full_671b_programs_fit_where_the_planner_says(program, weights, batch, seq, topology, layout, chunk):
@@ -94,6 +99,8 @@ def test_layout_that_does_not_divide_the_slice():
         aot.compile_program(V3, aot.Program("decode", 8, 512), "v5p:2x2x1", "cpu-8", layers=2)
     with pytest.raises(PlanError, match=r"layout: .*batch=3"):
         aot.compile_program(V3, aot.Program("decode", 3, 512), "v5p:2x2x1", "infer-ep", layers=2)
+    with pytest.raises(PlanError, match=r"layout: .*sequence \(tokens per step\)=6 .*size 4"):
+        aot.compile_program(V3, aot.Program("prefill", 1, 6, prefill_chunk=6), "v5p:2x2x1", "infer-ep-seq", layers=2)
     with pytest.raises(PlanError, match="program"):
         aot.Program("serve", 1, 1)
     with pytest.raises(PlanError, match="prefill_chunk"):

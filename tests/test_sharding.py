@@ -39,7 +39,8 @@ generate_module = importlib.import_module("dsv3_jax.infer.generate")
 CONFIG = d.ModelConfig.from_preset("tiny", init_std=0.05, num_hidden_layers=2, first_k_dense_replace=1,
                                    num_nextn_predict_layers=0)
 LAYOUT_NAMES = ("data", "cpu-8", "cpu-8-ep", "cpu-8-fsdp")
-EXPERT_PARALLEL = {"data": False, "cpu-8": True, "cpu-8-ep": True, "cpu-8-fsdp": False}
+SEQUENCE_PARALLEL = "cpu-8-seq"  # each sequence's tokens over 8 devices: forward and training
+EXPERT_PARALLEL = {"data": False, "cpu-8": True, "cpu-8-ep": True, "cpu-8-fsdp": False, SEQUENCE_PARALLEL: True}
 B, T = 8, 16
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3], [40, 41, 42, 43]]
 NEW_TOKENS = 6
@@ -114,7 +115,7 @@ def reference(variables):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", LAYOUT_NAMES)
+@pytest.mark.parametrize("name", (*LAYOUT_NAMES, SEQUENCE_PARALLEL))
 def test_forward_and_routing_match_one_device(name, variables, reference):
     layout, mesh = _layout_mesh(name)
     placed = sa.shard_variables(CONFIG, _copy(variables), layout, mesh)
@@ -147,7 +148,7 @@ def test_forward_and_routing_match_one_device(name, variables, reference):
             np.testing.assert_allclose(got, want, atol=1e-6, err_msg=path)
 
 
-@pytest.mark.parametrize("name", LAYOUT_NAMES)
+@pytest.mark.parametrize("name", (*LAYOUT_NAMES, SEQUENCE_PARALLEL))
 def test_train_steps_match_one_device(name, variables, reference):
     layout, mesh = _layout_mesh(name)
     optimizer = make_optimizer(TC)

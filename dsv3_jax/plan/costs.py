@@ -5,7 +5,8 @@ its FLOPs and bytes for a 61-layer program are those of about one layer of each 
 program's jaxpr and counts its matmuls twice: as XLA does (each loop body once) and as the program runs (each body
 times its trip count). Their ratio scales XLA's figures to the whole program. A `lax.cond` counts its costliest
 branch (as XLA does), but runs nothing when one branch only returns zeros: the expert-parallel overflow rounds,
-skipped when routing is balanced (`model.moe.expert_parallel`) — the figures are for balanced routing.
+skipped when routing is balanced (`model.moe.expert_parallel`) — the figures are for balanced routing; blockwise
+attention's skipped key blocks (a branch that passes its carry through) are counted as computed — an upper bound.
 
 Units: FLOPs are 2 per multiply-add of every dot_general / ragged_dot (elementwise work is not counted); bytes are
 the dots' operands and results. Shapes outside `shard_map` are global and are divided by the number of devices;
@@ -75,8 +76,12 @@ def _sub_jaxprs(eqn):
 
 
 def _only_zeros(jaxpr) -> bool:
-    """A branch that computes nothing but broadcast constants (the skipped overflow round)."""
-    return not any(eqn.primitive.name in _DOTS or any(True for _ in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+    """A branch that computes nothing but broadcast constants (the skipped overflow round). A branch that passes
+    its operands through (blockwise attention skipping a fully masked key block) is not one: the other branch is
+    counted for every block — an upper bound on the work (causal skipping runs about half of the blocks)."""
+    passes_through = any(v in jaxpr.invars for v in jaxpr.outvars if isinstance(v, jex_core.Var))
+    computes = any(eqn.primitive.name in _DOTS or any(True for _ in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+    return not passes_through and not computes
 
 
 def _walk(jaxpr, devices: int) -> Counts:

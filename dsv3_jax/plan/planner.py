@@ -172,7 +172,8 @@ def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: st
     else:
         heads = n * (2 * v * F32 * (1 + depth) + _norm(d, a)) + head_copy_bytes
     mtp_extra = depth * n * (a * d + 3 * _norm(d, a) + 3 * a * d)
-    stacks = (int(c.num_dense_layers > 0) + int(c.num_moe_layers > 0) + depth) * n * h * seq * (1 + F32)
+    stacks = (int(c.num_dense_layers > 0) + int(c.num_moe_layers > 0) + depth) * n * h * seq * (1 + F32) if (
+        attention_impl == "naive") else 0  # blockwise derives its masks from positions inside each block
     out = {"heads": heads, "mtp_extra": mtp_extra}
     if hoisted_copies:
         out["weight_copies"] = weight_copy_bytes
@@ -245,7 +246,8 @@ def device_memory(config: ModelConfig, placement: Placement, s: Settings) -> tup
         head_copies = sum(math.ceil(leaf.size / k) * a * (heads if leaf.kind == "head" else 1)
                           for leaf, k in params if leaf.kind in ("head", "mtp_proj"))
     cfg = config if s.mtp else config.replace(num_nextn_predict_layers=0)
-    compiled = _compiled_options(cfg, placement, s, params) if s.backend == "tpu" else {}
+    compiled = (_compiled_options(cfg, placement, s, params) if s.backend == "tpu"
+                else {"attention_impl": resolve_attention_impl(config, s.seq, s.seq)})
     head_copies += compiled.pop("head_gathered", 0)
     acts = {remat: sum(activation_breakdown(
         cfg, s.batch, s.seq, remat=remat, moe_impl=s.moe_impl, batch_shards=batch_shards,
@@ -409,7 +411,8 @@ def plan(config: ModelConfig, weights: str = "fp8", mode: str = "infer", batch: 
     """
     impl = _check_inputs(config, weights, mode, batch, seq, chips, chip, headroom, moment_dtype, remat, moe_impl)
     hw = CHIPS[chip]
-    settings = Settings(mode, weights, batch, seq, moment_dtype, remat, impl, mtp)
+    settings = Settings(mode, weights, batch, seq, moment_dtype, remat, impl, mtp,
+                        backend="tpu" if chip.startswith("tpu") else "cpu")
     notes: list[str] = []
 
     fewest = min_chips(config, hw, settings, layout, headroom)

@@ -55,8 +55,8 @@ def readme_table(batch: int = 32, seq: int = 4096, train_chips: int = 2048, trai
         "latent KV cache) split over all chips. Decode bound = batch · HBM bandwidth / bytes each chip reads per step",
         "(its non-embedding weights, routed experts in the expected touched fraction, its KV cache). A100 and TPUs",
         "have no FP8 units: FP8 rows there store FP8 and dequantise per matmul. tpu-v6e bf16: the replicated",
-        "non-expert weights alone exceed 90% of 32 GB, and no layout in sharding/rules.py shards the experts more",
-        "than 16 ways on TPU.",
+        "non-expert weights alone exceed 90% of 32 GB under this default placement (the TPU layouts of",
+        "sharding/layouts.toml split heads and experts further; see experiments/results/aot_compile.md).",
         "",
         "| chip | weights | min chips | per-chip memory | weights / chip | KV cache / chip | decode tok/s bound |",
         "|---|---|---|---|---|---|---|",
@@ -71,28 +71,39 @@ def readme_table(batch: int = 32, seq: int = 4096, train_chips: int = 2048, trai
             lines.append(f"| {chip} | {weights} | {p.min_chips} | {gb(p.total_per_device)} | "
                          f"{gb(b['weights'] + b.get('fp8_scales', 0))} | {gb(b['kv_cache'])} | "
                          f"{p.decode_tokens_per_s_bound:,.0f} |")
-    lines += [
-        "",
-        f"## Training: layout train-ep64 on {train_chips} chips, batch {train_batch} × {seq}",
-        "",
-        f"Mesh data={train_chips // 64} × expert=64: experts and dense weights (FSDP on the embed axis) over the",
-        "64-way expert axis, replicated over data; batch over all chips. fp32 master weights and gradients, AdamW",
-        "first moment bf16, second moment fp32. The report also used 16-way pipeline parallelism (and ZeRO-1), which",
-        "this layout omits, so these per-chip figures are far above the report's. Activations are dominated by the",
-        "materialised [B,H,T,S] attention scores (fp32 scores + bf16 probabilities, ~12.9 GB per layer per sequence",
-        "at T=4096): this port has no flash attention.",
-        "",
-        "| remat | params | grads | Adam m+v | activations | total / chip | fits H800 80 GB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines += _training_tables(config, seq, train_chips, train_batch)
+    return "\n".join(lines) + "\n"
+
+
+def _train_row(label: str, p) -> str:
+    b = p.breakdown_per_device
+    return (f"| {label} | {gb(b['params_fp32'])} | {gb(b['grads_fp32'])} | {gb(b['adam_m'] + b['adam_v'])} | "
+            f"{gb(b['activations'])} | {gb(p.total_per_device)} | {'yes' if p.fits else 'no'} |")
+
+
+def _training_tables(config: ModelConfig, seq: int, train_chips: int, train_batch: int) -> list[str]:
+    """The training step per chip: on TPU v5p under train-fsdp-ep64 (the layout `plan.aot` compiles; one sequence
+    per chip), and on the report's 64-way expert-parallel H800 layout."""
+    head = ["| layout, chips | params | grads | Adam m+v | activations | total / chip | fits |",
+            "|---|---|---|---|---|---|---|"]
+    fewest = plan(config, mode="train", batch=256, seq=seq, layout="train-fsdp-ep64", chip="tpu-v5p").min_chips
+    lines = ["", f"## Training: {seq} context, remat full, AdamW (bf16 m, fp32 v), fp32 masters and gradients", "",
+             "TPU v5p, layout train-fsdp-ep64 (one sequence per chip; the TPU compiler's program formulas, checked",
+             "against XLA's memory analysis in experiments/results/aot_compile.md). Smallest v5p slice that fits: "
+             f"{fewest} chips.", "", *head]
+    for chips in (128, 256, 512):
+        p = plan(config, mode="train", batch=chips, seq=seq, layout="train-fsdp-ep64", chips=chips, chip="tpu-v5p")
+        lines.append(_train_row(f"train-fsdp-ep64, v5p-{chips}", p))
+    lines += ["", f"The report's layout on H800 80 GB: train-ep64 on {train_chips} chips (data={train_chips // 64} ×",
+              "expert=64, experts and FSDP over the 64-way axis, replicated over data), batch "
+              f"{train_batch} × {seq}. The report also",
+              "used 16-way pipeline parallelism and ZeRO-1, which this layout omits: parameters and optimizer state",
+              "are sharded only 64 ways, so this does not fit an 80 GB chip.", "", *head]
     for remat in REMATS:
         p = plan(config, mode="train", batch=train_batch, seq=seq, layout="train-ep64", chips=train_chips,
                  chip="h800-80g", remat=remat)
-        b = p.breakdown_per_device
-        lines.append(f"| {remat} | {gb(b['params_fp32'])} | {gb(b['grads_fp32'])} | "
-                     f"{gb(b['adam_m'] + b['adam_v'])} | {gb(b['activations'])} | {gb(p.total_per_device)} | "
-                     f"{'yes' if p.fits else 'no'} |")
-    return "\n".join(lines) + "\n"
+        lines.append(_train_row(f"train-ep64, {train_chips} × H800, remat {remat}", p))
+    return lines
 
 
 # ---------------------------------------------------------------- command line
