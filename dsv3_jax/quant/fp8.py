@@ -91,9 +91,19 @@ def expand_scales(scales: jax.Array, k: int, n: int, block: int = BLOCK) -> jax.
 
 
 def dequantize(q: QuantArray, dtype=jnp.float32) -> jax.Array:
-    """W = values · scales[i // 128, j // 128] (the checkpoint `weight_scale_inv` convention)."""
+    """W = values · scales[i // 128, j // 128] (the checkpoint `weight_scale_inv` convention), the product in
+    float32, rounded once to `dtype`.
+
+    When the blocks tile the matrix exactly, the values are viewed as [..., KB, 128, NB, 128] and the scales
+    broadcast over each block (no per-element [..., K, N] copy of the scales); other shapes repeat the scales."""
     k, n = q.values.shape[-2:]
-    return (q.values.astype(jnp.float32) * expand_scales(q.scales, k, n)).astype(dtype)
+    kb, nb = q.scales.shape[-2:]
+    if k != kb * BLOCK or n != nb * BLOCK:
+        return (q.values.astype(jnp.float32) * expand_scales(q.scales, k, n)).astype(dtype)
+    lead = q.values.shape[:-2]
+    blocks = q.values.reshape(*lead, kb, BLOCK, nb, BLOCK).astype(jnp.float32)
+    w = blocks * q.scales.astype(jnp.float32)[..., :, None, :, None]
+    return w.astype(dtype).reshape(*lead, k, n)
 
 
 def quantize_rows(x: jax.Array, *, pow2_scales: bool = False, block: int = BLOCK) -> tuple[jax.Array, jax.Array]:
