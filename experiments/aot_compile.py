@@ -138,7 +138,7 @@ def main() -> int:
     if args.row:
         print(json.dumps(run_row(args.row, args.layers)))
         return 0
-    records = _load()
+    records: dict[str, dict] = {}
     for name in args.only or list(ROWS):
         cmd = [sys.executable, __file__, "--row", name] + (["--layers", str(args.layers)] if args.layers else [])
         print(f"== {name}", file=sys.stderr, flush=True)
@@ -151,15 +151,21 @@ def main() -> int:
         records[name] = json.loads(lines[-1])
         print("\n".join(line for line in done.stderr.splitlines() if not line.startswith(("W0", "I0", "E0"))),
               file=sys.stderr)
+    records = {**_load(), **records}  # merged with the file as it is now (another run may have written it)
     ordered = [records[n] for n in ROWS if n in records]
-    os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
-    with open(RESULTS_JSON, "w", encoding="utf-8") as f:
-        json.dump(ordered, f, indent=2)
     text = markdown(ordered)
-    with open(RESULTS_MD, "w", encoding="utf-8") as f:
-        f.write(text)
+    _write_atomic(RESULTS_JSON, json.dumps(ordered, indent=2))
+    _write_atomic(RESULTS_MD, text)
     print(text)
     return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

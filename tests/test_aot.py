@@ -9,6 +9,7 @@ programs are `slow` (and `python experiments/aot_compile.py` regenerates the REA
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import libtpu  # noqa: F401  (a test extra: fail loudly, never skip, when the TPU compiler is missing)
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from dsv3_jax.cli import plan as plan_cli
 from dsv3_jax.errors import PlanError
 from dsv3_jax.model.moe.dispatch import resolve_impl
 from dsv3_jax.plan import aot
+from dsv3_jax.plan.costs import program_counts
 from dsv3_jax.plan.targets import get_target
 
 V3 = ModelConfig.from_preset("deepseek-v3-671b")
@@ -82,6 +84,24 @@ def test_full_671b_programs_fit_where_the_planner_says(program, weights, batch, 
     result = aot.compile_program(config, aot.Program(program, batch, seq, weights, chunk), topology, layout)
     _agree(result)
     assert result.flops_per_token > result.model_flops_per_token * 0.5 and result.roofline_s > 0
+
+
+# ---------------------------------------------------------------- loop-aware cost counts (plan.costs)
+
+
+def test_cost_counts_scale_loops_and_skip_only_constant_branches():
+    x = jnp.ones((64, 64), jnp.float32)
+    one = 2 * 64**3
+    scanned = program_counts(lambda x: jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=4)[0], x)
+    assert (scanned.flops_once, scanned.flops_run) == (one, 4 * one)
+    # the skipped expert-parallel overflow round: its other branch only builds zeros → not run
+    zeros = program_counts(lambda x: jax.lax.cond(x.sum() > 0, lambda c: c @ c, jnp.zeros_like, x), x)
+    assert (zeros.flops_once, zeros.flops_run) == (one, 0)
+    # blockwise attention skipping a masked key block passes its carry through → counted as computed
+    carry = program_counts(lambda x: jax.lax.cond(x.sum() > 0, lambda c: c @ c, lambda c: c, x), x)
+    assert (carry.flops_once, carry.flops_run) == (one, one)
+    # a shard_map body is per device already; outside it, global shapes are divided by the devices
+    assert program_counts(lambda x: x @ x, x, devices=4).flops_run == one / 4
 
 
 # ---------------------------------------------------------------- bad input, in words

@@ -170,10 +170,11 @@ class ExpertParallel:
         if rounds > 1:  # overflow rounds, run only while some device still has pairs left
             fullest = jax.lax.pmax(jnp.max(jnp.bincount(dest_M, length=ep)), self.expert_axis)
             needed = (fullest + room - 1) // room
-            zeros_MD = jnp.zeros((m, d), x_ND.dtype)
             # checkpoint outside the cond: the round's residuals are then its loop-invariant inputs (hoisted out
-            # of the scan), not a per-round stack of the gathered experts and the routed rows
-            overflow_round = jax.checkpoint(lambda r: jax.lax.cond(r < needed, one_round, lambda _: zeros_MD, r))
+            # of the scan), not a per-round stack of the gathered experts and the routed rows. The skipped branch
+            # builds its zeros itself (plan.costs counts a branch of only constants as not run).
+            overflow_round = jax.checkpoint(lambda r: jax.lax.cond(
+                r < needed, one_round, lambda _: jnp.zeros((m, d), x_ND.dtype), r))
 
             def body(y_MD, r):
                 return y_MD + overflow_round(r), None  # rounds carry disjoint pairs: the sum is exact
