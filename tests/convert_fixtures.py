@@ -92,8 +92,9 @@ def _mtp_name(key: str) -> str:
     return key.replace("mtp_block.", "").replace("post_norm.", "shared_head.norm.")
 
 
-def _set_weights(module, tensors: dict[str, np.ndarray], prefix: str, rename=lambda k: k) -> None:
-    """Load on-disk-named float32 tensors into a HF module (fused expert tensors rebuilt from per-expert ones)."""
+def _set_weights(module, tensors, prefix: str, rename=lambda k: k, *, assign: bool = False) -> None:
+    """Load on-disk-named float32 tensors (any mapping) into a HF module (fused expert tensors rebuilt from
+    per-expert ones); `assign` for a module built on the meta device."""
     state = {}
     for key, ref in module.state_dict().items():
         disk = prefix + rename(key)
@@ -107,7 +108,7 @@ def _set_weights(module, tensors: dict[str, np.ndarray], prefix: str, rename=lam
         else:
             value = tensors[disk]
         state[key] = torch.from_numpy(np.ascontiguousarray(value)).to(ref.dtype)
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def _reference_tensors(config: ModelConfig, seed: int, rope_interleave: bool):

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -83,3 +84,66 @@ def random_mtp_layer(hf_model, config: ModelConfig, seed: int):
         bias = layer.mtp_block.mlp.gate.e_score_correction_bias
         bias.copy_(0.5 * (2 * torch.rand_like(bias) - 1))
     return layer
+
+
+class DequantisedTensors:
+    """HF-named float32 tensors of a checkpoint directory, read on access: FP8 weights dequantised with their
+    `weight_scale_inv` (W = q · s per 128×128 block, `convert_fixtures.dequantize_blocks`; then rounded to bf16
+    and back when `round_bf16`, as a bf16 dequantised load stores them), the rest upcast."""
+
+    def __init__(self, directory: str, round_bf16: bool = False) -> None:
+        from dsv3_jax.ckpt.safetensors import CheckpointReader
+
+        self.reader, self.round_bf16 = CheckpointReader(directory), round_bf16
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from convert_fixtures import dequantize_blocks
+
+        value = np.asarray(self.reader.get(name))
+        if name + "_scale_inv" in self.reader:
+            w = dequantize_blocks(value, np.asarray(self.reader.get(name + "_scale_inv")))
+            return w.astype(ml_dtypes.bfloat16).astype(np.float32) if self.round_bf16 else w
+        return value.astype(np.float32)
+
+
+def layerwise_hf_logits(directory: str, tokens: np.ndarray, vocab_chunk: int = 16384, *,
+                        round_bf16: bool = False) -> np.ndarray:
+    """HF DeepseekV3 float32 logits [B, T, V] of a checkpoint directory on its dequantised weights, one decoder layer
+    in memory at a time: the embedding rows are gathered from the file, each `DeepseekV3DecoderLayer` is built on
+    the meta device, given its weights, run and dropped, and the head is applied `vocab_chunk` rows at a time. Peak
+    memory: about one layer in float32 (~3.8 GB for an MoE layer at 671B widths with 16 experts). `round_bf16`:
+    on the dequantised weights rounded to bf16 (the reference for a `weights="bf16"` load)."""
+    from convert_fixtures import _set_weights
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3DecoderLayer,
+        DeepseekV3RMSNorm,
+        DeepseekV3RotaryEmbedding,
+    )
+
+    with open(os.path.join(directory, "config.json")) as f:
+        raw = {k: v for k, v in json.load(f).items() if k not in ("quantization_config", "dsv3_jax")}
+    hf_config = DeepseekV3Config(**raw)
+    hf_config._attn_implementation = "eager"
+    tensors = DequantisedTensors(directory, round_bf16)
+    embed = tensors.reader.get("model.embed_tokens.weight")
+    x = torch.from_numpy(np.asarray(embed[tokens.reshape(-1)]).astype(np.float32).reshape(*tokens.shape, -1))
+    pos_ids = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
+    pos_emb = DeepseekV3RotaryEmbedding(hf_config)(x, pos_ids)
+    mask = causal_additive_mask(*tokens.shape)
+    with torch.no_grad():
+        for i in range(hf_config.num_hidden_layers):
+            with torch.device("meta"):
+                layer = DeepseekV3DecoderLayer(hf_config, i).eval()
+            _set_weights(layer, tensors, f"model.layers.{i}.", assign=True)
+            x = layer(x, attention_mask=mask, position_ids=pos_ids, position_embeddings=pos_emb)
+            x = x[0] if isinstance(x, tuple) else x
+            del layer
+        norm = DeepseekV3RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        _set_weights(norm, tensors, "model.norm.")
+        h = norm(x)
+        head = tensors.reader.get("lm_head.weight")
+        chunks = [h @ torch.from_numpy(np.asarray(head[j:j + vocab_chunk]).astype(np.float32)).T
+                  for j in range(0, head.shape[0], vocab_chunk)]
+    tensors.reader.close()
+    return torch.cat(chunks, dim=-1).numpy()

@@ -2,13 +2,17 @@
 
 1. open the source (HF directory, official mp shards, PyTorch state dict) and its config;
 2. plan the blocks and check every name, dtype, shape and FP8 scale from the headers alone (nothing written yet);
-3. for each block: read its tensors, convert them (`blocks.convert_block`), save it, drop it — peak memory is
-   about one block (one decoder layer) plus what orbax needs to write it;
+3. for each block: read its tensors, convert them (`blocks.convert_block`), save it, drop it. Three things overlap:
+   `threads` workers read and convert the block's tensors in parallel (positional reads, numpy copies and XLA
+   calls release the GIL), the kernel reads the next block ahead (`Source.prefetch`), and one writer thread saves
+   the previous block meanwhile — peak memory is about two blocks (the one being written and the one being
+   converted) plus what orbax needs to write;
 4. write config.json and manifest.json and rename the temporary directory onto `out`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import resource
@@ -29,6 +33,7 @@ from dsv3_jax.ckpt.store import (
     BlockWriter,
     atomic_directory,
     check_output,
+    deferred_interrupt,
     hf_config_with_section,
     write_json,
 )
@@ -91,9 +96,14 @@ def _block_tensors(block, source: Source) -> dict[str, str]:
     return out
 
 
+def default_threads() -> int:
+    """Reader / converter threads: two per core (reads wait on the disk), at most 8."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16", *,
             config: str | os.PathLike | ModelConfig | None = None, progress: bool = True,
-            stream: TextIO | None = None, allow_nonfinite: bool = False) -> Summary:
+            stream: TextIO | None = None, allow_nonfinite: bool = False, threads: int | None = None) -> Summary:
     """Convert a checkpoint at `src` into a new directory `out` (which must not exist); returns a Summary.
 
     weights: "fp32" / "bf16" (FP8 sources dequantised exactly, W = q · s[i//128, j//128], then rounded), or "fp8"
@@ -102,7 +112,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16
     `config.json` next to the source. The MTP layer (index num_hidden_layers) becomes `mtp_0`.
     A tensor holding NaN or Inf is refused (ConvertError naming it and its file) unless `allow_nonfinite`.
     Ctrl-C waits for the block being written, then removes the temporary output; stale temporary outputs of dead
-    runs next to `out` are removed first (and named on `stream`).
+    runs next to `out` are removed first (and named on `stream`). `threads`: tensors read and converted at once
+    (default `default_threads()`).
     """
     if weights not in WEIGHTS:
         raise ConvertError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -118,20 +129,34 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16
         records, read, written, tensors = [], 0, 0, 0
         with atomic_directory(out, log=lambda line: print(line, file=stream or sys.stderr)) as tmp:
             writer = BlockWriter(tmp)
+            pool = concurrent.futures.ThreadPoolExecutor(threads or default_threads(), "dsv3-convert")
+            saving = concurrent.futures.ThreadPoolExecutor(1, "dsv3-write")
+            pending: concurrent.futures.Future | None = None
             try:
-                for block in blocks:
-                    tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved)
-                    nwritten = writer.write(block.name, tree)
+                for i, block in enumerate(blocks):
+                    if i + 1 < len(blocks):
+                        source.prefetch(_block_tensors(blocks[i + 1], source))
+                    tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved,
+                                                pool)
+                    if pending is not None:
+                        written += pending.result()  # at most one block waits for the disk
+                    pending = saving.submit(writer.write, block.name, tree)
                     del tree
                     dtypes = _block_tensors(block, source)
-                    records.append({**block.record(), "bytes": nwritten, "hf_dtypes": dtypes,
-                                    "copies": [c for c, _ in block.copies]})
-                    read, written, tensors = read + nread, written + nwritten, tensors + len(dtypes)
+                    records.append({**block.record(), "hf_dtypes": dtypes, "copies": [c for c, _ in block.copies]})
+                    read, tensors = read + nread, tensors + len(dtypes)
                     if bar:
                         bar.set_postfix(block=block.name, rss_GB=f"{peak_rss_bytes() / 1e9:.2f}", refresh=False)
                         bar.update(nread)
+                if pending is not None:
+                    written += pending.result()
             finally:
+                with deferred_interrupt(reraise=False):  # the block being saved finishes before cleanup
+                    saving.shutdown(wait=True)
+                    pool.shutdown(wait=True, cancel_futures=True)
                 writer.close()
+            for record in records:
+                record["bytes"] = writer.sizes[record["name"]]
             manifest = {"format": FORMAT, "version": VERSION, "weights": weights,
                         "source": {"path": os.path.abspath(os.fspath(src)), "kind": kind}, "blocks": records,
                         "tensors": tensors, "bytes_read": read, "bytes_written": written}

@@ -11,6 +11,7 @@ block scales the same partition where their (128× smaller) dimensions divide it
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax.ckpt.blocks import Block, Tree, convert_entry
+from dsv3_jax.ckpt.blocks import FP8, Block, Tree, convert_entry
 from dsv3_jax.ckpt.names import Entry
 from dsv3_jax.ckpt.sources import Source
 from dsv3_jax.config import ModelConfig
@@ -66,8 +67,9 @@ def _slot_target(want, lead: int):
     return QuantArray(cut(want.values), cut(want.scales)) if isinstance(want, QuantArray) else cut(want)
 
 
-def _fill(index: tuple[slice, ...], shape, dtype, slots, want, part: str | None, converted: _Converted):
+def _fill(index: tuple[slice, ...], spec, part: str | None, *, slots, want, converted: _Converted):
     """The numpy block `index` of one leaf (or of its values / scales), assembled from the entries it covers."""
+    shape, dtype = spec.shape, spec.dtype
     ranges = [range(*sl.indices(size)) for sl, size in zip(index, shape, strict=True)]
     out = np.empty(tuple(len(r) for r in ranges), dtype)
     filled = 0
@@ -75,16 +77,42 @@ def _fill(index: tuple[slice, ...], shape, dtype, slots, want, part: str | None,
         lead = len(slot)
         if not all(i in ranges[a] for a, i in enumerate(slot)):
             continue
-        value = converted.get(entry, _slot_target(want, lead))
-        value = getattr(value, part) if part else value
         where = tuple(ranges[a].index(i) for a, i in enumerate(slot))
-        out[where] = np.asarray(value)[tuple(index[lead:])]
+        target = _slot_target(want, lead)
+        rows = _row_range(entry, target, tuple(index[lead:]), converted)
+        if rows is not None:  # a large plain tensor: read only the HF rows this shard covers
+            value, _ = convert_entry(entry, converted.source, target, converted.config, converted.interleaved,
+                                     rows=rows)
+            local = list(index[lead:])
+            local[1 if entry.transpose else 0] = slice(None)
+            out[where] = value[tuple(local)]
+        else:
+            value = converted.get(entry, target)
+            value = getattr(value, part) if part else value
+            out[where] = np.asarray(value)[tuple(index[lead:])]
         filled += 1
     lead = len(slots[0][0])
     expected = math.prod(len(r) for r in ranges[:lead])
     if filled != expected:
         raise CheckpointError(f"shard {index} of a variable got {filled} of {expected} source tensors")
     return out
+
+
+ROW_READ_BYTES = 1 << 26  # plain source tensors this large are read per shard, only the rows it covers
+
+
+def _row_range(entry: Entry, target, index: tuple[slice, ...], converted: _Converted) -> slice | None:
+    """The HF row range a shard `index` of a 2-D plain (not FP8, no rotary permutation, not quantised) tensor
+    needs, when reading only those rows is worth it; else None (the whole tensor is read and cached)."""
+    if isinstance(target, QuantArray) or len(target.shape) != 2 or (entry.rope is not None and not
+                                                                     converted.interleaved):
+        return None
+    dtype, shape = converted.source.info(entry.hf_name)
+    if dtype == FP8 or not converted.source.reads_rows or converted.source.nbytes(entry.hf_name) < ROW_READ_BYTES:
+        return None
+    rows = index[1 if entry.transpose else 0]
+    start, stop, _ = rows.indices(shape[0])
+    return None if (start, stop) == (0, shape[0]) else slice(start, stop)
 
 
 def scale_sharding(sharding, values_shape, scales_shape):
@@ -102,7 +130,16 @@ def scale_sharding(sharding, values_shape, scales_shape):
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def _leaf_sharding(shardings, key: str, default):
+def check_shardings(shardings, keys: set[str], error: type[Exception] = CheckpointError) -> None:
+    """A sharding tree must give every variable (`keys`, as `flat_leaves` names them) one."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return
+    missing = sorted(keys - set(flat_leaves(shardings, quant_leaf=True)))
+    if missing:
+        raise error(f"shardings tree does not match the variables: no sharding for {missing[:5]}")
+
+
+def leaf_sharding(shardings, key: str, default):
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return shardings or default
     found = flat_leaves(shardings, quant_leaf=True)
@@ -124,10 +161,7 @@ def place_from_source(source: Source, blocks: list[Block], abstract: Tree, confi
     converted = _Converted(source, config, interleaved)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, QuantArray))[0]
-    if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
-        missing = sorted(set(slots) - set(flat_leaves(shardings, quant_leaf=True)))
-        if missing:
-            raise CheckpointError(f"shardings tree does not match the variables: no sharding for {missing[:5]}")
+    check_shardings(shardings, set(slots))
     out: Tree = {}
     for path, want in flat:
         key = jax.tree_util.keystr(path)
@@ -136,21 +170,25 @@ def place_from_source(source: Source, blocks: list[Block], abstract: Tree, confi
         node = out
         for k in path[:-1]:
             node = node.setdefault(k.key, {})
-        node[path[-1].key] = _place_leaf(want, slots[key], _leaf_sharding(shardings, key, default), converted)
+        node[path[-1].key] = place_leaf(want, leaf_sharding(shardings, key, default), functools.partial(
+            _fill, slots=slots[key], want=want, converted=converted))
     return out
 
 
-def _place_leaf(want, slots, sharding, converted: _Converted):
+def place_leaf(want, sharding, read):
+    """One leaf as a jax.Array (or a QuantArray of two) built with `make_array_from_callback`: `read(index, spec,
+    part)` returns the numpy block `index` of the leaf (`part` None), or of its "values" / "scales"; each device's
+    shard is read on its own. `sharding`: a Sharding (a QuantArray leaf's values'; its scales follow, see
+    `scale_sharding`) or, for a QuantArray leaf, a QuantArray of two."""
     if not isinstance(want, QuantArray):
-        return jax.make_array_from_callback(want.shape, sharding, lambda index: _fill(
-            index, want.shape, want.dtype, slots, want, None, converted))
-    if not isinstance(sharding, QuantArray):  # one Sharding for the leaf: the values'; the scales follow
+        return jax.make_array_from_callback(want.shape, sharding, lambda index: read(index, want, None))
+    if not isinstance(sharding, QuantArray):
         sharding = QuantArray(sharding, scale_sharding(sharding, want.values.shape, want.scales.shape))
     parts = {}
     for part, shard in (("values", sharding.values), ("scales", sharding.scales)):
         spec = getattr(want, part)
-        parts[part] = jax.make_array_from_callback(spec.shape, shard, lambda index, spec=spec, part=part: _fill(
-            index, spec.shape, spec.dtype, slots, want, part, converted))
+        parts[part] = jax.make_array_from_callback(spec.shape, shard, lambda index, spec=spec, part=part: read(
+            index, spec, part))
     return QuantArray(parts["values"], parts["scales"])
 
 

@@ -19,7 +19,8 @@ def load_pretrained(path: str | os.PathLike, config: ModelConfig | None = None, 
       itself, read straight into `shardings` (see `hf.load_hf_directory`; `weights` "fp8" | "bf16" | "fp32",
       default FP8-resident for FP8 files, else the files' precision);
     - written by `dsv3 convert` (manifest.json + orbax blocks): arrays keep the stored dtype (fp32, bf16, or
-      QuantArray FP8 values + 128×128 scales), and the returned config's param_dtype says which.
+      QuantArray FP8 values + 128×128 scales), and the returned config's param_dtype says which; read straight
+      into `shardings` too (`store.load_converted`: per-device slices of the blocks' zarr arrays).
 
     `config` overrides the one read from the directory (e.g. to set dtype or scan_layers); its architecture
     fields must match the checkpoint's tensors. `shardings`: one `jax.sharding.Sharding`, or a tree with the

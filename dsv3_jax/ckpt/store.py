@@ -3,8 +3,13 @@
     OUT/config.json     ModelConfig.to_hf_config() plus a "dsv3_jax" section {format, version, weights}
     OUT/manifest.json   format, weights, source, and one record per block (name, stack, layer, keys, sizes,
                         the HF dtype of each source tensor: export writes them back in that dtype)
-    OUT/blocks/<name>/  one orbax StandardCheckpointer save of the block's tree {collection: subtree}; a
-                        QuantArray is stored as {"values": e4m3 [.., K, N], "scales": f32 [.., K/128, N/128]}
+    OUT/blocks/<name>/  one orbax PyTree save (OCDBT, zarr arrays in chunks of at most CHUNK_BYTES) of the block's
+                        tree {collection: subtree}; a QuantArray is stored as {"values": e4m3 [.., K, N],
+                        "scales": f32 [.., K/128, N/128]}
+
+`load_converted` reads it straight into shardings: every leaf is a `jax.make_array_from_callback` whose per-device
+callbacks read their slice of each layer block's zarr array through tensorstore (`BlockArrays`), so no step
+holds the model on the host and each process of a multi-process run reads only for its own devices.
 
 Everything is written into a sibling `OUT.tmp-<pid>-XXXX` directory renamed onto OUT at the end; on any failure
 (Ctrl-C included: it waits for the block being saved, then cleans up) the temporary directory is removed, so OUT
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import json
 import os
@@ -31,7 +37,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from dsv3_jax.ckpt.blocks import Block, Tree, abstract_tree, check_tree, count_nonfinite, insert_block
+from dsv3_jax.ckpt.blocks import Block, Tree, abstract_tree, check_tree, count_nonfinite
+from dsv3_jax.ckpt.place import check_shardings, leaf_sharding, place_leaf
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
 from dsv3_jax.errors import ConfigError, ConvertError
 from dsv3_jax.model.api import Variables
@@ -239,11 +246,23 @@ def from_saveable(tree: Tree, target: Tree) -> Tree:
     return tree
 
 
+CHUNK_BYTES = 64 << 20  # stored zarr chunks at most this large (orbax splits larger arrays): a sharded load reads
+CACHE_BYTES = 1 << 29  # whole chunks, kept in a cache this large for the other devices that need them
+
+
+def _save_args(tree: Tree):
+    import orbax.checkpoint as ocp
+
+    return jax.tree_util.tree_map(lambda x: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+
+
 class BlockWriter:
-    """Saves one block at a time under `directory/blocks/<name>` (each save completes before the next block)."""
+    """Saves one block at a time under `directory/blocks/<name>` (each save completes before the next one starts;
+    `write` may run in another thread than the caller's). `sizes`: block name → bytes written."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self.sizes: dict[str, int] = {}
         os.makedirs(os.path.join(directory, BLOCKS_DIR), exist_ok=True)
         self._ckptr = _saver()
 
@@ -255,7 +274,8 @@ class BlockWriter:
         location = os.path.join(self.directory, BLOCKS_DIR, name)
         try:
             with deferred_interrupt():
-                self._ckptr.save(location, args=ocp.args.PyTreeSave(to_saveable(tree)))
+                saveable = to_saveable(tree)
+                self._ckptr.save(location, args=ocp.args.PyTreeSave(saveable, save_args=_save_args(saveable)))
         except OSError:
             raise
         except Exception as e:  # orbax / tensorstore raise many types
@@ -263,7 +283,8 @@ class BlockWriter:
             if cause is not None:
                 raise OSError(cause.errno, f"{cause.strerror} while writing block {name}", location) from e
             raise ConvertError(f"{location}: cannot write block {name} ({type(e).__name__}: {e})") from e
-        return tree_nbytes(tree)
+        self.sizes[name] = tree_nbytes(tree)
+        return self.sizes[name]
 
     def close(self) -> None:
         self._ckptr.close()
@@ -351,49 +372,127 @@ def _resolve_config(config: ModelConfig | None, stored: ModelConfig, path: str) 
     return config
 
 
-def place_variables(host: Tree, shardings) -> Variables:
-    """Host arrays → jax arrays, leaf by leaf (each host buffer dropped once placed)."""
-    leaves, treedef = jax.tree_util.tree_flatten(host)
-    del host
-    if shardings is None:
-        targets = [None] * len(leaves)
-    elif isinstance(shardings, jax.sharding.Sharding):
-        targets = [shardings] * len(leaves)
-    else:
-        targets, other = jax.tree_util.tree_flatten(shardings)
-        if other != treedef:
-            raise ConvertError(f"shardings tree does not match the variables: {other} vs {treedef}")
-    placed = []
-    for i, sharding in enumerate(targets):
-        placed.append(jax.device_put(leaves[i], sharding))  # no compile, unlike jnp.asarray
-        leaves[i] = None
-    return jax.tree_util.tree_unflatten(treedef, placed)
+class BlockArrays:
+    """Slices of the arrays saved in a converted checkpoint's blocks, read through tensorstore (the zarr arrays of
+    each block's OCDBT store): a read touches only the chunks the slice covers. Handles are opened on first use
+    and checked against the target's shape and dtype."""
+
+    def __init__(self, path: str, allow_nonfinite: bool) -> None:
+        self.path, self.allow_nonfinite = path, allow_nonfinite
+        self._handles: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+        self._context = None
+
+    def _open(self, block: str, key: str, spec):
+        import tensorstore as ts
+
+        with self._lock:
+            handle = self._handles.get((block, key))
+        if handle is not None:
+            return handle
+        location = os.path.join(self.path, BLOCKS_DIR, block)
+        if not os.path.isdir(location):
+            raise ConvertError(f"{location}: block {block} is missing")
+        if self._context is None:
+            self._context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
+        try:
+            handle = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{location}",
+                                                             "path": key}, "recheck_cached_data": False},
+                             open=True, read=True, context=self._context).result()
+        except Exception as e:  # tensorstore raises ValueError and others
+            raise ConvertError(f"{location}: block {block} has no readable tensor {key} ({e})") from e
+        if tuple(handle.shape) != tuple(spec.shape) or np.dtype(handle.dtype.numpy_dtype) != np.dtype(spec.dtype):
+            raise ConvertError(f"{location}: block {block} tensor {key} is {handle.dtype.numpy_dtype}"
+                               f"{list(handle.shape)}, expected {np.dtype(spec.dtype)}{list(spec.shape)}")
+        with self._lock:
+            self._handles[(block, key)] = handle
+        return handle
+
+    def read(self, block: str, key: str, spec, index: tuple[slice, ...]) -> np.ndarray:
+        """block's tensor `key` (orbax's dotted name) at `index`, checked for NaN / Inf unless allowed."""
+        try:
+            value = self._open(block, key, spec)[index].read().result()
+        except ConvertError:
+            raise
+        except Exception as e:
+            location = os.path.join(self.path, BLOCKS_DIR, block)
+            raise ConvertError(f"{location}: cannot read block {block} tensor {key} ({type(e).__name__}: {e})") from e
+        if not self.allow_nonfinite and (bad := count_nonfinite(value)):
+            location = os.path.join(self.path, BLOCKS_DIR, block)
+            raise ConvertError(f"{location}: block {block} tensor {key} holds {bad} non-finite (NaN/Inf) value(s) "
+                               f"in {value.size} read; pass allow_nonfinite=True (--allow-nonfinite) to accept")
+        return value
+
+
+def _leaf_sources(blocks: list[Block], abstract: Tree) -> dict[str, tuple[list[str] | str, str]]:
+    """Leaf key (`flat_leaves` naming, QuantArray one leaf) → (its blocks: one per layer for a stacked leaf, by
+    layer index, or the one block of an unstacked leaf; the leaf's dotted name inside those blocks)."""
+    layers = {(b.stack, b.layer): b.name for b in blocks if b.stack is not None}
+    owner = {(c, k): b.name for b in blocks if b.stack is None for c in abstract for k in b.keys}
+    out = {}
+    flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, QuantArray))[0]
+    for path, want in flat:
+        keys = tuple(p.key for p in path)
+        if keys[1] in STACK_NAMES:
+            count = (want.values if isinstance(want, QuantArray) else want).shape[0]
+            names = [layers.get((keys[1], i)) for i in range(count)]
+            if all(names):
+                out[jax.tree_util.keystr(path)] = (names, ".".join((keys[0], *keys[3:])))
+        elif (keys[0], keys[1]) in owner:
+            out[jax.tree_util.keystr(path)] = (owner[(keys[0], keys[1])], ".".join(keys))
+    return out
+
+
+def _read_slice(index: tuple[slice, ...], spec, part: str | None, *, blocks, key: str, arrays: BlockArrays):
+    """The numpy block `index` of one leaf: from one block, or (stacked leaf) one layer block per row."""
+    key = key if part is None else f"{key}.{part}"
+    if isinstance(blocks, str):
+        return arrays.read(blocks, key, spec, index)
+    rows = range(*index[0].indices(spec.shape[0]))
+    layer_spec = jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
+    out = np.empty((len(rows), *(len(range(*sl.indices(n))) for sl, n in zip(index[1:], spec.shape[1:],
+                                                                                 strict=True))), spec.dtype)
+    for j, layer in enumerate(rows):
+        out[j] = arrays.read(blocks[layer], key, layer_spec, tuple(index[1:]))
+    return out
 
 
 def load_converted(path: str | os.PathLike, config: ModelConfig | None = None, *, shardings=None,
                    allow_nonfinite: bool = False) -> tuple[ModelConfig, Variables]:
     """(config, variables) of a converted checkpoint in the scan layout; arrays keep their stored dtype (QuantArray
-    for fp8). `shardings`: a tree of `jax.sharding.Sharding` matching the variables (or one for all). NaN / Inf
-    weights are refused unless `allow_nonfinite`."""
+    for fp8). Every leaf is read straight into its sharding (`place.place_leaf`): each device's shard reads only
+    the chunks it covers, layer block by layer block, so the host never holds more than the shards being built
+    (in a multi-process run, each process only its own devices' shards). `shardings`: one Sharding, or a tree
+    matching the variables (a QuantArray weight takes one, its values', or a QuantArray of two); default: the
+    default device. NaN / Inf weights are refused unless `allow_nonfinite`."""
     path = os.path.abspath(os.fspath(path))
     manifest, stored = read_manifest(path)
     config = _resolve_config(config, stored, path)
     abstract = abstract_tree(stored.replace(param_dtype="float32"), manifest["weights"])
-    host: Tree = {}
-    counts: dict[str, int] = {}
-    ckptr = _checkpointer()
-    try:
-        for record in manifest["blocks"]:
-            block = Block.from_record(record)
-            tree = read_block(path, block, block.target(abstract), ckptr, allow_nonfinite=allow_nonfinite)
-            insert_block(host, block, tree, abstract)
-            if block.stack is not None:
-                counts[block.stack] = counts.get(block.stack, 0) + 1
-    finally:
-        ckptr.close()
+    blocks = [Block.from_record(record) for record in manifest["blocks"]]
+    _check_stack_counts(path, blocks, abstract)
+    sources = _leaf_sources(blocks, abstract)
+    check_shardings(shardings, set(sources), ConvertError)
+    arrays = BlockArrays(path, allow_nonfinite)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out: Tree = {}
+    for leaf_path, want in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x,
+                                                                                                    QuantArray))[0]:
+        key = jax.tree_util.keystr(leaf_path)
+        if key not in sources:  # e.g. no MTP module in this checkpoint
+            continue
+        node = out
+        for k in leaf_path[:-1]:
+            node = node.setdefault(k.key, {})
+        owner, name = sources[key]
+        node[leaf_path[-1].key] = place_leaf(want, leaf_sharding(shardings, key, default), functools.partial(
+            _read_slice, blocks=owner, key=name, arrays=arrays))
+    return config, out
+
+
+def _check_stack_counts(path: str, blocks: list[Block], abstract: Tree) -> None:
     for stack in STACK_NAMES:
         want = jax.tree_util.tree_leaves(abstract["params"].get(stack, {}))
-        if want and counts.get(stack, 0) != want[0].shape[0]:
-            raise ConvertError(f"{path}: {MANIFEST} lists {counts.get(stack, 0)} blocks of {stack}, "
-                               f"expected {want[0].shape[0]}")
-    return config, place_variables(host, shardings)
+        count = sum(b.stack == stack for b in blocks)
+        if want and count != want[0].shape[0]:
+            raise ConvertError(f"{path}: {MANIFEST} lists {count} blocks of {stack}, expected {want[0].shape[0]}")

@@ -31,7 +31,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from dsv3_jax.ckpt import convert
 
     convert(args.src, args.out, args.weights, config=args.config, progress=not args.quiet,
-            allow_nonfinite=args.allow_nonfinite)
+            allow_nonfinite=args.allow_nonfinite, threads=args.threads)
     return 0
 
 
@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     conv.add_argument("--config", default=None, help="config.json (HF or official format); default: next to SRC")
     conv.add_argument("--quiet", action="store_true", help="no progress line or summary")
     conv.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
+    conv.add_argument("--threads", type=int, default=None,
+                      help="tensors read and converted in parallel (default: 2 per core, at most 8)")
     conv.set_defaults(func=cmd_convert)
     exp = subparsers.add_parser("export", help="dsv3-jax block checkpoint → HF safetensors directory")
     exp.add_argument("src", help="a directory written by `dsv3 convert`")
