@@ -16,7 +16,8 @@ Prints:
   2. The MoE layer alone (top-k 4, batch x seq tokens) for 8, 64, 256 routed experts (n_group 4, topk_group 2):
      dsv3-jax moe_impl "blocks", "ragged", "dense" (jitted, median ms, compiled temp MiB) next to HF DeepseekV3MoE on
      the same weights with experts "grouped_mm" (HF default) and "eager", plus max |out diff| (HF vs first impl).
-  3. A one-line summary of the key ratios.
+  3. A one-line summary of the key ratios, the load average; compile times per row.
+Writes --out/bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks).
 
 Each side runs in its own spawned process: torch and XLA never share a process (their thread pools would fight over
 the cores) and peak RSS is per framework. Timings on a machine shared with other jobs are noisy; torch with as many
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import resource
@@ -231,7 +233,9 @@ def jax_moe_child(args: argparse.Namespace, workdir: str) -> dict:
         row: dict = {}
         for impl in args.moe_impls:
             cfg = base.replace(moe_impl=impl)
+            t0 = time.perf_counter()
             compiled = jax.jit(lambda v, x, cfg=cfg: MoE(cfg).apply(v, x)).lower(variables, x).compile()
+            row[impl + "_compile_s"] = time.perf_counter() - t0
             row[impl] = median_ms(lambda c=compiled, v=variables, x=x: c(v, x).block_until_ready(), 1, args.moe_repeats,
                                   args.budget_s, min_runs=2)
             row[impl + "_temp"] = compiled.memory_analysis().temp_size_in_bytes
@@ -315,7 +319,9 @@ def print_moe(args: argparse.Namespace, jx: dict, hf: dict) -> None:
     print(f"   {'experts':>7s}{head}{'HF grouped_mm':>15s}{'HF eager':>10s}{'max|diff|':>11s}")
     for e in args.experts:
         cells = "".join(f"{jx[e][i]:11.1f} [{jx[e][i + '_temp'] / MiB:6.1f}]" for i in args.moe_impls)
-        print(f"   {e:7d}{cells}{hf[e]['grouped_mm']:15.1f}{hf[e]['eager']:10.1f}{hf[e]['maxdiff']:11.1e}")
+        compiles = ", ".join(f"{i} {jx[e][i + '_compile_s']:.1f}s" for i in args.moe_impls)
+        print(f"   {e:7d}{cells}{hf[e]['grouped_mm']:15.1f}{hf[e]['eager']:10.1f}{hf[e]['maxdiff']:11.1e}"
+              f"   (compile: {compiles})")
 
 
 def print_summary(args: argparse.Namespace, fwd: tuple[dict, dict] | None, moe: tuple[dict, dict] | None) -> None:
@@ -361,6 +367,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--moe-repeats", type=int, default=5, help="timed runs per MoE cell (>= 2, within --budget-s)")
     p.add_argument("--skip-forward", action="store_true")
     p.add_argument("--skip-moe", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="writes bench_forward[_coresN].json and .png here")
     args = p.parse_args()
     args.experts = [int(e) for e in args.experts.split(",")]
     args.moe_impls = args.moe_impls.split(",")
@@ -379,8 +387,40 @@ def main() -> None:
             moe = (run_isolated(jax_moe_child, args, workdir), run_isolated(hf_moe_child, args, workdir))
             print_moe(args, *moe)
     print_summary(args, fwd, moe)
+    load = os.getloadavg()
     print(f"   (total wall time {time.perf_counter() - t0:.0f} s; load average at end "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+          f"{load[0]:.1f}/{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores)")
+    write_results(args, fwd, moe, load)
+
+
+def write_results(args: argparse.Namespace, fwd: tuple[dict, dict] | None, moe: tuple[dict, dict] | None,
+                  load: tuple[float, float, float]) -> None:
+    """bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks) under --out."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plots
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"_cores{args.cores}" if args.cores else ""
+    groups: dict[str, dict[str, float]] = {}
+    if fwd:
+        hf, jx = fwd
+        groups[f"forward {args.preset}"] = {"HF": hf["ms"], "dsv3-jax": jx["ms"]}
+        for name in jx["parts"]:
+            groups[name] = {"HF": hf["parts"][name], "dsv3-jax": jx["parts"][name]}
+    if moe:
+        jx, hf = moe
+        for e in args.experts:
+            groups[f"MoE E={e}"] = {"HF": hf[e]["grouped_mm"], "dsv3-jax": jx[e][args.moe_impls[0]]}
+    png = plots.bars(groups, os.path.join(args.out, f"bench_forward{tag}.png"), ylabel="ms (median)",
+                     title=f"Forward, float32, CPU ({args.cores or os.cpu_count()} cores), load {load[0]:.1f}")
+    strip = {"forward": {"hf": fwd[0], "jax": fwd[1]} if fwd else None,
+             "moe": {"jax": moe[0], "hf": moe[1]} if moe else None}
+    with open(os.path.join(args.out, f"bench_forward{tag}.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "load_avg": load, "cores": os.cpu_count(), "results": strip}, f, indent=1,
+                  default=str)
+    print(f"   wrote {png} and bench_forward{tag}.json")
 
 
 if __name__ == "__main__":

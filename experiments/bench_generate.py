@@ -8,15 +8,20 @@ Run (defaults take a few minutes on 2 idle cores):
 Prints, for each batch size: prefill latency (ms) and decode tokens/s of HF `generate(do_sample=False)` (torch,
 float32, HF's own cache) and of `dsv3_jax.infer.generate` (greedy, stop tokens off, compiled once — compile time shown
 apart), their ratio (> 1 = dsv3-jax faster), whether the tokens agree, and the cache bytes per token per layer
-of the latent MLA cache against a naive per-head key/value cache. Each framework runs in its own process.
+of the latent MLA cache against a naive per-head key/value cache, peak RSS per side and the load average. Each
+framework runs in its own process; unpinned (all cores) unless --cores. Writes --out/bench_generate[_coresN].json
+and .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
+import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -66,7 +71,7 @@ def hf_child(args, directory: str, batch: int, queue) -> None:
     total = statistics.median(runs)
     queue.put({"prefill_ms": 1e3 * statistics.median(prefill),
                "decode_tok_s": batch * (args.new_tokens - 1) / max(total - statistics.median(prefill), 1e-9),
-               "tokens": tokens})
+               "tokens": tokens, "rss_mib": peak_rss_mib()})
 
 
 def jax_child(args, directory: str, batch: int, queue) -> None:
@@ -95,7 +100,12 @@ def jax_child(args, directory: str, batch: int, queue) -> None:
     _compiled.cache_clear()
     queue.put({"prefill_ms": 1e3 * statistics.median(prefill), "compile_s": compile_s,
                "decode_tok_s": batch * (args.new_tokens - 1) / max(total - statistics.median(prefill), 1e-9),
-               "tokens": tokens, "cache_values": int(per_layer), "naive_values": int(naive)})
+               "tokens": tokens, "cache_values": int(per_layer), "naive_values": int(naive), "rss_mib": peak_rss_mib()})
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn) -> float:
@@ -122,22 +132,51 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=None, help="pin each process to this many cores")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="writes bench_generate[_coresN].json and .png here")
     args = parser.parse_args()
+    results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as directory:
         build_checkpoint(args.preset, directory)
         print(f"preset {args.preset}, prompt {args.prompt_len}, new tokens {args.new_tokens}, float32, greedy; "
               f"cores {args.cores or os.cpu_count()}")
         print(f"{'batch':>5} | {'HF prefill ms':>13} {'HF tok/s':>9} | {'dsv3 prefill ms':>15} {'dsv3 tok/s':>10} "
-              f"{'compile s':>9} | {'decode ratio':>12} {'prefill ratio':>13} | tokens equal")
+              f"{'compile s':>9} | {'decode ratio':>12} {'prefill ratio':>13} | tokens equal | RSS MiB HF/dsv3")
         for batch in [int(b) for b in args.batches.split(",")]:
             hf, jx = run(hf_child, args, directory, batch), run(jax_child, args, directory, batch)
             print(f"{batch:>5} | {hf['prefill_ms']:>13.1f} {hf['decode_tok_s']:>9.1f} | {jx['prefill_ms']:>15.1f} "
                   f"{jx['decode_tok_s']:>10.1f} {jx['compile_s']:>9.1f} | "
                   f"{jx['decode_tok_s'] / hf['decode_tok_s']:>11.2f}x {hf['prefill_ms'] / jx['prefill_ms']:>12.2f}x"
-                  f" | {np.array_equal(hf['tokens'], jx['tokens'])}", flush=True)
+                  f" | {np.array_equal(hf['tokens'], jx['tokens'])} | {hf['rss_mib']:.0f}/{jx['rss_mib']:.0f}",
+                  flush=True)
+            results[batch] = {"hf": hf, "jax": jx, "load1": os.getloadavg()[0],
+                              "tokens_equal": bool(np.array_equal(hf["tokens"], jx["tokens"]))}
         c, n = jx["cache_values"], jx["naive_values"]
         print(f"cache per token per layer: latent {c} values vs naive per-head {n} ({n / c:.1f}x smaller); "
               f"671B: 576 vs 40,960 (71.1x)")
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f}/{load[1]:.1f} (1/5 min) on {os.cpu_count()} cores")
+    write_results(args, results, load)
+
+
+def write_results(args, results: dict[int, dict], load) -> None:
+    """bench_generate[_coresN].json (every figure but the tokens) and .png (prefill ms, decode tok/s)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plots
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"_cores{args.cores}" if args.cores else ""
+    groups = {}
+    for batch, r in results.items():
+        groups[f"prefill ms bs{batch}"] = {"HF": r["hf"]["prefill_ms"], "dsv3-jax": r["jax"]["prefill_ms"]}
+        groups[f"decode tok/s bs{batch}"] = {"HF": r["hf"]["decode_tok_s"], "dsv3-jax": r["jax"]["decode_tok_s"]}
+    png = plots.bars(groups, os.path.join(args.out, f"bench_generate{tag}.png"), ylabel="ms | tokens/s",
+                     title=f"Generation, float32, CPU ({args.cores or os.cpu_count()} cores), load {load[0]:.1f}")
+    clean = {b: {side: {k: v for k, v in r[side].items() if k != "tokens"} for side in ("hf", "jax")}
+             | {"load1": r["load1"], "tokens_equal": r["tokens_equal"]} for b, r in results.items()}
+    with open(os.path.join(args.out, f"bench_generate{tag}.json"), "w", encoding="utf-8") as f:
+        json.dump({"args": vars(args), "load_avg": load, "cores": os.cpu_count(), "results": clean}, f, indent=1)
+    print(f"wrote {png} and bench_generate{tag}.json")
 
 
 if __name__ == "__main__":

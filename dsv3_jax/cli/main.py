@@ -13,6 +13,29 @@ import sys
 import traceback
 
 COMMANDS = ("info", "demo", "train", "generate", "chat", "plan", "convert")  # modules of dsv3_jax.cli
+COMPILING = ("demo", "train", "generate", "chat")  # commands whose programs the persistent compilation cache keeps
+CACHE_ENV = "DSV3_COMPILATION_CACHE"  # a directory, or 0/off to disable; default ~/.cache/dsv3-jax/xla
+CACHE_MIN_S_ENV = "DSV3_COMPILATION_CACHE_MIN_S"  # keep programs that took at least this long to compile (0.5 s)
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so a repeated CLI run (or a notebook that calls this) loads its
+    train-step / generate programs from disk instead of compiling them again; returns the directory, or None when
+    disabled (DSV3_COMPILATION_CACHE=0). The directory is `directory`, else $DSV3_COMPILATION_CACHE, else
+    $JAX_COMPILATION_CACHE_DIR, else ~/.cache/dsv3-jax/xla. JAX keys each entry on the optimised program, the
+    compile options, the jax/XLA version and the device, so a changed config never gets a stale program."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if directory is None and setting.lower() in _OFF:
+        return None
+    directory = directory or setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dsv3-jax", "xla")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ.get(CACHE_MIN_S_ENV, "0.5")))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("absl").addFilter(_OneLine())
         _quiet_shutdown_noise()
     try:
+        if args.command in COMPILING:
+            enable_compilation_cache()
         return args.func(args)
     except (Dsv3Error, OSError) as e:
         if debug:

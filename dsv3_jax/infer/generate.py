@@ -17,7 +17,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import InputError
-from dsv3_jax.infer.sampling import Sampling, sample_logits
+from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
 from dsv3_jax.model.transformer import Transformer
@@ -95,7 +95,7 @@ def _greedy(logits_BV: jax.Array) -> jax.Array:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
 
-def _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, sampling, stops):
+def _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, mode, knobs, stops):
     b = first_B.shape[0]
     out, count = _emit(jnp.zeros((b, max_new), jnp.int32), jnp.zeros(b, jnp.int32), first_B, jnp.ones(b, bool))
     done = jnp.isin(first_B, stops) | (count >= max_new)
@@ -105,7 +105,7 @@ def _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, sampling
         rng, sub = jax.random.split(rng)
         (logits, _), state = model.apply({**params, CACHE_COLLECTION: cache}, token[:, None], position[:, None],
                                          mutable=[CACHE_COLLECTION])
-        new = sample_logits(logits[:, 0], sub, sampling)
+        new = sample_with(logits[:, 0], sub, mode, *knobs)
         out, count = _emit(out, count, new, ~done)
         done = done | jnp.isin(new, stops) | (count >= max_new)
         return state[CACHE_COLLECTION], new, position + 1, out, count, done, rng
@@ -153,18 +153,20 @@ def _speculative_loop(model, params, cache, first_B, draft_B, lengths_B, max_new
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config: ModelConfig, cache_len: int, max_new: int, sampling: Sampling, speculative: bool,
+def _compiled(config: ModelConfig, cache_len: int, max_new: int, mode: SamplingMode, speculative: bool,
               stops: tuple[int, ...], chunk: int):
+    """The jitted generation program `run(params, prompt, lengths, rng, knobs)`. Keyed on the sampling mode only:
+    temperature, top-k and top-p arrive traced in `knobs` (`Sampling.knobs()`), so new values do not recompile."""
     model = Transformer(config, cache_len)
     stops_arr = jnp.asarray(stops if stops else (-1,), jnp.int32)
 
-    def run(params, prompt_BT, lengths_B, rng):
+    def run(params, prompt_BT, lengths_B, rng, knobs):
         rng, sub = jax.random.split(rng)
         last_BV, cache, draft_B = _prefill(model, params, prompt_BT, lengths_B, chunk, speculative)
-        first_B = sample_logits(last_BV, sub, sampling)
+        first_B = sample_with(last_BV, sub, mode, *knobs)
         if speculative:
             return _speculative_loop(model, params, cache, first_B, draft_B, lengths_B, max_new, stops_arr)
-        return _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, sampling, stops_arr)
+        return _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, mode, knobs, stops_arr)
 
     return jax.jit(run)
 
@@ -252,10 +254,10 @@ def generate(config: ModelConfig, variables: dict, prompt_ids: Sequence[Sequence
     cache_len = int(-(-needed // CACHE_BUCKET) * CACHE_BUCKET)
     stops = tuple(int(s) for s in ((config.eos_token_id,) if stop_ids is None else stop_ids))
     limit = None if vocab_limit is None or vocab_limit >= config.vocab_size else int(vocab_limit)
-    fn = _compiled(config, cache_len, max_new_tokens, Sampling(temperature, top_k, top_p, limit), speculative, stops,
-                   chunk)
+    sampling = Sampling(temperature, top_k, top_p, limit)
+    fn = _compiled(config, cache_len, max_new_tokens, sampling.mode(), speculative, stops, chunk)
     params = {k: v for k, v in variables.items() if k in ("params", "router")}
-    out, count, drafted, accepted = jax.device_get(fn(params, padded, lengths, jax.random.key(seed)))
+    out, count, drafted, accepted = jax.device_get(fn(params, padded, lengths, jax.random.key(seed), sampling.knobs()))
     tokens = [out[i, : count[i]].tolist() for i in range(len(lengths))]
     if speculative and limit is not None and any(t >= limit for row in tokens for t in row):
         # the verifier's argmax is unmasked; unmasked greedy picked a padded id, so decode masked greedy instead

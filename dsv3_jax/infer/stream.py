@@ -23,26 +23,26 @@ from dsv3_jax.infer.generate import (
     _pad_prompts,
     _prefill,
 )
-from dsv3_jax.infer.sampling import Sampling, sample_logits
+from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
 from dsv3_jax.model.transformer import Transformer
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: ModelConfig, cache_len: int, sampling: Sampling, chunk: int):
-    """(prefill(params, prompt, lengths, rng) → (token, cache), step(params, cache, token, position, rng) →
-    (token, cache)), compiled once per shape and sampling."""
+def _programs(config: ModelConfig, cache_len: int, mode: SamplingMode, chunk: int):
+    """(prefill(params, prompt, lengths, rng, knobs) → (token, cache), step(params, cache, token, position, rng,
+    knobs) → (token, cache)), compiled once per shape and sampling mode (the values are traced knobs)."""
     model = Transformer(config, cache_len)
 
-    def prefill(params, prompt_BT, lengths_B, rng):
+    def prefill(params, prompt_BT, lengths_B, rng, knobs):
         last_BV, cache, _ = _prefill(model, params, prompt_BT, lengths_B, chunk, False)
-        return sample_logits(last_BV, rng, sampling), cache
+        return sample_with(last_BV, rng, mode, *knobs), cache
 
-    def step(params, cache, token_B, position_B, rng):
+    def step(params, cache, token_B, position_B, rng, knobs):
         (logits, _), state = model.apply({**params, CACHE_COLLECTION: cache}, token_B[:, None], position_B[:, None],
                                          mutable=[CACHE_COLLECTION])
-        return sample_logits(logits[:, 0], rng, sampling), state[CACHE_COLLECTION]
+        return sample_with(logits[:, 0], rng, mode, *knobs), state[CACHE_COLLECTION]
 
     return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
 
@@ -64,12 +64,14 @@ def stream(config: ModelConfig, variables: dict, prompt_ids: Sequence[int], max_
     needed = max(padded.shape[1], int(lengths.max()) + max_new_tokens + 2)
     cache_len = int(-(-needed // CACHE_BUCKET) * CACHE_BUCKET)
     limit = None if vocab_limit is None or vocab_limit >= config.vocab_size else int(vocab_limit)
-    prefill, step = _programs(config, cache_len, Sampling(temperature, top_k, top_p, limit), chunk)
+    sampling = Sampling(temperature, top_k, top_p, limit)
+    prefill, step = _programs(config, cache_len, sampling.mode(), chunk)
+    knobs = sampling.knobs()
     stops = {int(s) for s in ((config.eos_token_id,) if stop_ids is None else stop_ids)}
     params = {k: v for k, v in variables.items() if k in ("params", "router")}
     rng = jax.random.key(seed)
     rng, sub = jax.random.split(rng)
-    token, cache = prefill(params, padded, lengths, sub)
+    token, cache = prefill(params, padded, lengths, sub, knobs)
     position = jnp.asarray(lengths)
     for i in range(max_new_tokens):
         value = int(np.asarray(token)[0])
@@ -77,5 +79,5 @@ def stream(config: ModelConfig, variables: dict, prompt_ids: Sequence[int], max_
         if value in stops or i + 1 == max_new_tokens:
             return
         rng, sub = jax.random.split(rng)
-        token, cache = step(params, cache, token, position, sub)
+        token, cache = step(params, cache, token, position, sub, knobs)
         position = position + 1

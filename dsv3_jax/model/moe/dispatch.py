@@ -7,6 +7,7 @@ pairs, not with the number of experts:
   - "ragged": sort pairs by expert, `jax.lax.ragged_dot` (grouped GEMM) — GPU/TPU.
   - "blocks": sort pairs by expert, pad each expert's rows to a multiple of a tile, one batched matmul over tiles
     with each tile's expert weights gathered — CPU, where ragged_dot multiplies every row by every expert.
+    `blocks_ffn` with fewer pairs than experts (decoding a few rows) gathers each pair's expert weights instead.
   - "dense": every expert on every token, masked (cost grows with E) — a reference for tests only.
 """
 
@@ -109,9 +110,19 @@ def blocks_rows(x_MD: jax.Array, expert_M: jax.Array, w_gate_EDF: jax.Array, w_u
 
 def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_gate_EDF: jax.Array,
                w_up_EDF: jax.Array, w_down_EFD: jax.Array, policy: MatmulPolicy | None = None) -> jax.Array:
-    """Dropless expert FFN over tiles (`blocks_rows` of every token-expert pair, then the weighted combine)."""
-    return _combine_rows(blocks_rows(*_pairs(x_ND, experts_NX), w_gate_EDF, w_up_EDF, w_down_EFD, policy),
-                         weights_NX)
+    """Dropless expert FFN over tiles (`blocks_rows` of every token-expert pair, then the weighted combine); with
+    fewer pairs than experts (decoding a few rows) each pair's own expert weights are gathered instead of tiles
+    (decided at trace time; the dense form lost at every decode shape measured)."""
+    weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    rows = _gathered_rows if experts_NX.size <= w_gate_EDF.shape[0] else blocks_rows
+    return _combine_rows(rows(*_pairs(x_ND, experts_NX), *weights, policy), weights_NX)
+
+
+def _gathered_rows(x_MD, expert_M, w_gate_EDF, w_up_EDF, w_down_EFD, policy) -> jax.Array:
+    """Each row times its own expert's weights, gathered per row ([M,D,F] copies: only for M ≤ E)."""
+    gate_MF = einsum("md,mdf->mf", x_MD, w_gate_EDF[expert_M], policy=policy)
+    up_MF = einsum("md,mdf->mf", x_MD, w_up_EDF[expert_M], policy=policy)
+    return einsum("mf,mfd->md", jax.nn.silu(gate_MF) * up_MF, w_down_EFD[expert_M], policy=policy)
 
 
 TILE_CHUNK_BYTES = 2 << 20  # expert weights gathered per chunk of tiles: small enough to stay in cache
