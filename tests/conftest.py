@@ -12,6 +12,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite runs on the CPU; with libtpu installed (the TPU-compile tests) jax would otherwise probe for a TPU at
 # start-up and print warnings. Abstract TPU topologies still work under JAX_PLATFORMS=cpu (DESIGN.md §8).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Hermetic: the CLI's persistent compilation cache (~/.cache/dsv3-jax/xla) stays off in tests; the cache's own
+# test turns it on for its subprocesses.
+os.environ.setdefault("DSV3_COMPILATION_CACHE", "0")
 
 import jax
 
