@@ -101,6 +101,38 @@ def default_threads() -> int:
     return min(8, 2 * (os.cpu_count() or 1))
 
 
+def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer, threads, bar):
+    """Convert and save every block, overlapping: the next block's tensors are read ahead, a block's tensors are
+    converted in a thread pool, and block i is saved by a writer thread while block i+1 converts.
+    Returns (manifest records, bytes read, bytes written, tensors)."""
+    records, read, written, tensors = [], 0, 0, 0
+    pool = concurrent.futures.ThreadPoolExecutor(threads or default_threads(), "dsv3-convert")
+    saving = concurrent.futures.ThreadPoolExecutor(1, "dsv3-write")
+    pending: concurrent.futures.Future | None = None
+    try:
+        for i, block in enumerate(blocks):
+            if i + 1 < len(blocks):
+                source.prefetch(_block_tensors(blocks[i + 1], source))
+            tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved, pool)
+            if pending is not None:
+                written += pending.result()  # at most one block waits for the disk
+            pending = saving.submit(writer.write, block.name, tree)
+            del tree
+            dtypes = _block_tensors(block, source)
+            records.append({**block.record(), "hf_dtypes": dtypes, "copies": [c for c, _ in block.copies]})
+            read, tensors = read + nread, tensors + len(dtypes)
+            if bar:
+                bar.set_postfix(block=block.name, rss_GB=f"{peak_rss_bytes() / 1e9:.2f}", refresh=False)
+                bar.update(nread)
+        if pending is not None:
+            written += pending.result()
+    finally:
+        with deferred_interrupt(reraise=False):  # the block being saved finishes before cleanup
+            saving.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+    return records, read, written, tensors
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16", *,
             config: str | os.PathLike | ModelConfig | None = None, progress: bool = True,
             stream: TextIO | None = None, allow_nonfinite: bool = False, threads: int | None = None) -> Summary:
@@ -126,34 +158,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16
         check_source(blocks, source, abstract)
         total = sum(source.nbytes(n) for b in blocks for n in _block_tensors(b, source))
         bar = progress_bar(total, "convert", stream) if progress else None
-        records, read, written, tensors = [], 0, 0, 0
         with atomic_directory(out, log=lambda line: print(line, file=stream or sys.stderr)) as tmp:
             writer = BlockWriter(tmp)
-            pool = concurrent.futures.ThreadPoolExecutor(threads or default_threads(), "dsv3-convert")
-            saving = concurrent.futures.ThreadPoolExecutor(1, "dsv3-write")
-            pending: concurrent.futures.Future | None = None
             try:
-                for i, block in enumerate(blocks):
-                    if i + 1 < len(blocks):
-                        source.prefetch(_block_tensors(blocks[i + 1], source))
-                    tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved,
-                                                pool)
-                    if pending is not None:
-                        written += pending.result()  # at most one block waits for the disk
-                    pending = saving.submit(writer.write, block.name, tree)
-                    del tree
-                    dtypes = _block_tensors(block, source)
-                    records.append({**block.record(), "hf_dtypes": dtypes, "copies": [c for c, _ in block.copies]})
-                    read, tensors = read + nread, tensors + len(dtypes)
-                    if bar:
-                        bar.set_postfix(block=block.name, rss_GB=f"{peak_rss_bytes() / 1e9:.2f}", refresh=False)
-                        bar.update(nread)
-                if pending is not None:
-                    written += pending.result()
+                records, read, written, tensors = _convert_blocks(blocks, source, abstract, model_config,
+                                                                  interleaved, writer, threads, bar)
             finally:
-                with deferred_interrupt(reraise=False):  # the block being saved finishes before cleanup
-                    saving.shutdown(wait=True)
-                    pool.shutdown(wait=True, cancel_futures=True)
                 writer.close()
             for record in records:
                 record["bytes"] = writer.sizes[record["name"]]
