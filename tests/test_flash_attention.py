@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax.model.attention import naive_attention
 from dsv3_jax.model.flash import blockwise_attention, dot_product_attention_gpu, splash_attention_tpu
 
 SCALE = 0.3
@@ -20,15 +21,10 @@ BF16_TOL = 2e-2
 
 
 def reference_attention(q_BTHK, k_BSHK, v_BSHU, qpos_BT, kpos_BS, scale):
-    """The dense formula of `attention.attend` (float32 [B,H,T,S] scores), mask built from positions."""
+    """The naive path the model runs (`attention.naive_attention`: float32 [B,H,T,S] scores), with the causal mask
+    built from positions."""
     mask_BTS = kpos_BS[:, None, :] <= qpos_BT[:, :, None]
-    k_eq = "bsk" if k_BSHK.ndim == 3 else "bshk"
-    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
-    scores_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHU.dtype)
-    return jnp.einsum(f"bhts,{v_eq}->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
-        v_BSHU.dtype)
+    return naive_attention(q_BTHK, k_BSHK, v_BSHU, mask_BTS, scale)
 
 
 def random_inputs(seed, b, t, s, h, k, u, *, shared_kv=False, dtype=jnp.float32):
