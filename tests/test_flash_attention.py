@@ -50,6 +50,16 @@ def forward_and_grads(attn, q, k, v, cotangent):
     return run(q, k, v, cotangent)
 
 
+def _assert_matches_reference(fn, q, k, v, cot, qpos, kpos):
+    """fn(q, k, v) equals the naive path: forward ≤ FWD_TOL, gradients ≤ GRAD_TOL relative."""
+    dense = functools.partial(reference_attention, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE)
+    out, grads = forward_and_grads(fn, q, k, v, cot)
+    ref_out, ref_grads = forward_and_grads(dense, q, k, v, cot)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=FWD_TOL, rtol=0)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert float(jnp.max(jnp.abs(grad - ref)) / jnp.max(jnp.abs(ref))) <= GRAD_TOL
+
+
 def assert_matches_reference(qpos, kpos, q, k, v, cotangent, rows_BT=None, **blocks):
     """Forward ≤ FWD_TOL and q/k/v gradients ≤ GRAD_TOL (relative) against the dense path, on rows_BT only."""
     flash = functools.partial(blockwise_attention, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE, **blocks)
@@ -164,12 +174,7 @@ def test_dot_product_attention_wrapper(implementation, causal, shared_kv):
     kpos = jnp.where(valid_BT, qpos, PAD_POS)
     wrapped = functools.partial(dot_product_attention_gpu, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE,
                                 implementation=implementation, causal=causal)
-    dense = functools.partial(reference_attention, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE)
-    out, grads = forward_and_grads(wrapped, q, k, v, cot)
-    ref_out, ref_grads = forward_and_grads(dense, q, k, v, cot)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=FWD_TOL, rtol=0)
-    for grad, ref in zip(grads, ref_grads, strict=True):
-        assert float(jnp.max(jnp.abs(grad - ref)) / jnp.max(jnp.abs(ref))) <= GRAD_TOL
+    _assert_matches_reference(wrapped, q, k, v, cot, qpos, kpos)
 
 
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["per_head", "shared_latent"])
@@ -181,9 +186,4 @@ def test_splash_kernel_in_interpret_mode(shared_kv):
     kpos = jnp.where(valid_BT, qpos, PAD_POS)
     splash = functools.partial(splash_attention_tpu, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE, block_q=128,
                                block_k=128, interpret=True)
-    dense = functools.partial(reference_attention, qpos_BT=qpos, kpos_BS=kpos, scale=SCALE)
-    out, grads = forward_and_grads(splash, q, k, v, cot)
-    ref_out, ref_grads = forward_and_grads(dense, q, k, v, cot)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=FWD_TOL, rtol=0)
-    for grad, ref in zip(grads, ref_grads, strict=True):
-        assert float(jnp.max(jnp.abs(grad - ref)) / jnp.max(jnp.abs(ref))) <= GRAD_TOL
+    _assert_matches_reference(splash, q, k, v, cot, qpos, kpos)
