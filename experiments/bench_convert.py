@@ -130,7 +130,7 @@ def convert_cold(src: str, out: str, weights: str, threads: int) -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     s = result["summary"]
     blocks = os.path.join(out, "blocks")
-    largest = max(_dir_bytes(os.path.join(blocks, b)) for b in os.listdir(blocks))
+    largest = max(os.path.getsize(os.path.join(blocks, b)) for b in os.listdir(blocks))
     return {"weights": weights, "threads": threads or "default", "GB_read": round(s["bytes_read"] / 1e9, 3),
             "GB_written": round(s["bytes_written"] / 1e9, 3), "seconds": round(s["seconds"], 1),
             "process_wall_s": round(wall, 1), "GB_per_s": round(s["bytes_read"] / s["seconds"] / 1e9, 3),

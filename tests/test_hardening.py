@@ -212,12 +212,12 @@ def fp8_src(work):
 
 
 def _interrupt_convert(src: str, out, sig: int, cache) -> tuple[int, str]:
-    """Start `dsv3 convert`, send `sig` while orbax is writing a block; (return code, stderr)."""
+    """Start `dsv3 convert`, send `sig` once its first block file appears (mid-conversion); (return code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "convert", src, str(out), "--quiet"],
                             cwd=REPO, env=_env(cache), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if glob.glob(f"{out}.tmp-*/blocks/*.orbax-checkpoint-tmp*"):
+        if glob.glob(f"{out}.tmp-*/blocks/*.safetensors*"):
             proc.send_signal(sig)
             break
         time.sleep(0.001)
@@ -282,7 +282,7 @@ def test_nan_weights_refused_unless_allowed(nan_src, tmp_path):
     with pytest.raises(ConvertError, match=rf"{shard}.*{name} holds 1 non-finite"):
         load_pretrained(src)
     convert(src, tmp_path / "out", "bf16", progress=False, allow_nonfinite=True)
-    with pytest.raises(ConvertError, match=r"blocks/layer_001: block layer_001 tensor .*holds 1 non-finite"):
+    with pytest.raises(ConvertError, match=r"blocks/layer_001.safetensors: block layer_001 tensor .*holds 1 non-finite"):
         load_converted(tmp_path / "out")
     _, variables = load_converted(tmp_path / "out", allow_nonfinite=True)
     leaves = jax.tree_util.tree_leaves(variables["params"])
@@ -344,8 +344,10 @@ def test_cli_boundary_in_process(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text('{"hidden_size": -3}')
-    (tmp_path / "cfg" / "manifest.json").write_text('{"format": "dsv3_jax.blocks", "version": 1, "weights": "bf16", '
-                                                    '"blocks": []}')
+    from dsv3_jax.ckpt.store import FORMAT, VERSION
+
+    (tmp_path / "cfg" / "manifest.json").write_text(json.dumps({"format": FORMAT, "version": VERSION,
+                                                                "weights": "bf16", "blocks": []}))
     with pytest.raises(ConvertError, match=r"cfg/config.json.*hidden_size"):
         load_pretrained(tmp_path / "cfg")
     assert not os.path.exists(tmp_path / "run")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.ckpt import direct
 from dsv3_jax.ckpt.names import Entry, expected_entries
 from dsv3_jax.ckpt.safetensors import DTYPES
 from dsv3_jax.ckpt.sources import Source
@@ -226,7 +227,7 @@ def _relayout(w: jax.Array, transpose: bool, dtype: str) -> jax.Array:
 
 _COMPILE_MIN_SIZE = 1 << 20  # elements; below this numpy is faster than compiling one more shape
 _TILE = 64  # source rows per step of the blocked transpose (its reads and writes stay in cache)
-_SPLIT, _SPLIT_BYTES = 4, 256 << 20  # tensors this large are transposed by 4 threads
+_SPLIT, _SPLIT_BYTES = 4, 64 << 20  # tensors this large are transposed by 4 threads
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -345,9 +346,19 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
         raw = source.read_rows(entry.hf_name, rows.start, rows.stop)
         _refuse_nonfinite(entry, source, raw)
         return relayout(raw, t, want.dtype), raw.nbytes
+    chunked = _transposed_copy_target(entry, source, want, out, rope)
+    if chunked is not None:
+        nbytes = _transpose_in_chunks(entry, source, chunked)
+        if not isinstance(want, QuantArray):
+            return out, nbytes
+        scale = _read_scale(entry, source)
+        return QuantArray(out.values, np.ascontiguousarray(scale.T)), nbytes + scale.nbytes
     direct = (out is not None and not t and not rope and not isinstance(want, QuantArray)
               and DTYPES.get(source.info(entry.hf_name)[0]) == np.dtype(want.dtype))
-    raw = source.read(entry.hf_name, out if direct else None)  # straight into the block buffer when it can
+    # straight into the block buffer when it can; else, when converting into a block buffer, a temporary
+    # (this thread's reused buffer: consumed below before the thread reads again)
+    raw = source.read(entry.hf_name, out) if direct else (
+        source.read(entry.hf_name) if out is None else source.read_temp(entry.hf_name))
     _refuse_nonfinite(entry, source, raw)
     scale = _read_scale(entry, source) if raw.dtype == np.dtype(jnp.float8_e4m3fn) else None
     nbytes = raw.nbytes + (0 if scale is None else scale.nbytes)
@@ -370,8 +381,50 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
     return (quantize_fp8(w) if isinstance(want, QuantArray) else relayout(w, False, want.dtype)), nbytes
 
 
-def _allocate(target: Tree) -> Tree:
-    return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), target)
+TEMP_BYTES = 128 << 20  # a large tensor transposed into a block buffer is read this many bytes of rows at a time
+
+
+def _transposed_copy_target(entry: Entry, source: Source, want, out, rope: bool) -> np.ndarray | None:
+    """The block buffer a large 2-D tensor is transposed into unchanged (same dtype: an FP8 weight kept FP8, a
+    bf16 weight kept bf16), or None when the tensor needs another conversion (or is small)."""
+    if out is None or not entry.transpose or rope or source.nbytes(entry.hf_name) <= TEMP_BYTES:
+        return None
+    dst = out.values if isinstance(want, QuantArray) else out
+    src_dtype = DTYPES.get(source.info(entry.hf_name)[0])
+    fp8 = src_dtype == np.dtype(jnp.float8_e4m3fn)
+    if dst.ndim != 2 or src_dtype != dst.dtype or fp8 != isinstance(want, QuantArray):
+        return None
+    return dst
+
+
+def _transpose_in_chunks(entry: Entry, source: Source, out_BA: np.ndarray) -> int:
+    """out = HF tensor.T, reading TEMP_BYTES of its rows at a time into a reused buffer (no whole-tensor
+    temporary: at the 671B shapes the head alone is 1.85 GB); returns the bytes read."""
+    rows, cols = source.info(entry.hf_name)[1]
+    step = max(_TILE, TEMP_BYTES // (out_BA.itemsize * cols) // _TILE * _TILE)
+    for start in range(0, rows, step):
+        raw = source.read_temp(entry.hf_name, start, min(rows, start + step))
+        _refuse_nonfinite(entry, source, raw)
+        transpose_into(raw, out_BA[:, start:start + raw.shape[0]])
+    return rows * cols * out_BA.itemsize
+
+
+def _allocate(target: Tree, arena: direct.Arena | None) -> Tree:
+    """Buffers for a block's leaves: fresh arrays, or views packed into `arena` in the layout the block file
+    is written in (`direct.packed`, dotted names of the saveable tree: the writer then copies nothing)."""
+    if arena is None:
+        return jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), target)
+    flat = jax.tree_util.tree_flatten_with_path(target)[0]  # a QuantArray's two leaves: values, scales
+    names = [".".join(_key_name(k) for k in path) for path, _ in flat]
+    offsets, total = direct.packed([(n, s.shape, s.dtype) for n, (_, s) in zip(names, flat, strict=True)])
+    arena.take(max(total, 1))
+    views = [direct.view_at(arena, offsets[n], s.shape, s.dtype) for n, (_, s) in zip(names, flat, strict=True)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), views)
+
+
+def _key_name(key) -> str:
+    """A tree path element as the saved name's part (dict key, or a QuantArray field: "values" / "scales")."""
+    return str(key.key) if hasattr(key, "key") else str(key.name)
 
 
 def _view(slot, index: tuple[int, ...]):
@@ -391,11 +444,13 @@ def _store(slot, index: tuple[int, ...], value) -> None:
 
 
 def convert_block(block: Block, source: Source, target: Tree, config: ModelConfig, interleaved: bool,
-                  pool: concurrent.futures.Executor | None = None) -> tuple[Tree, int]:
+                  pool: concurrent.futures.Executor | None = None,
+                  arena: direct.Arena | None = None) -> tuple[Tree, int]:
     """Read, transform and assemble one block (no side effect but reading); returns (tree, bytes read).
     `pool`: threads that convert the block's tensors in parallel (each reads and converts whole tensors straight
-    into the block's buffers); default one at a time."""
-    tree = _allocate(target)
+    into the block's buffers); default one at a time. `arena`: build the block's buffers in it (reused from
+    block to block: its pages are faulted in once), laid out as the block file is written."""
+    tree = _allocate(target, arena)
     filled: dict[tuple, set] = {}
 
     def one(entry: Entry) -> int:
@@ -404,6 +459,7 @@ def convert_block(block: Block, source: Source, target: Tree, config: ModelConfi
         value, nbytes = convert_entry(entry, source, _at(leaf_at(target[collection], path), index), config,
                                       interleaved, out=_view(slot, index))
         _store(slot, index, value)
+        direct.done_reading()
         return nbytes
 
     if pool is None:

@@ -6,7 +6,8 @@
    `threads` workers read and convert the block's tensors in parallel (positional reads, numpy copies and XLA
    calls release the GIL), the kernel reads the next block ahead (`Source.prefetch`), and one writer thread saves
    the previous block meanwhile — peak memory is about two blocks (the one being written and the one being
-   converted) plus what orbax needs to write;
+   converted, each in its own reused `direct.Arena`) plus the readers' buffers; blocks are written with O_DIRECT
+   (`blockfile.write_block`);
 4. write config.json and manifest.json and rename the temporary directory onto `out`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import resource
 import shutil
@@ -21,8 +23,11 @@ import sys
 import time
 from typing import TextIO
 
+import jax
+import numpy as np
 from tqdm import tqdm
 
+from dsv3_jax.ckpt import direct
 from dsv3_jax.ckpt.blocks import SCALE_SUFFIX, WEIGHTS, abstract_tree, check_source, convert_block, plan_blocks
 from dsv3_jax.ckpt.detect import open_source
 from dsv3_jax.ckpt.sources import Source
@@ -96,6 +101,10 @@ def _block_tensors(block, source: Source) -> dict[str, str]:
     return out
 
 
+def _target_bytes(target) -> int:
+    return sum(np.dtype(s.dtype).itemsize * math.prod(s.shape) for s in jax.tree_util.tree_leaves(target))
+
+
 def default_threads() -> int:
     """Reader / converter threads: two per core (reads wait on the disk), at most 8."""
     return min(8, 2 * (os.cpu_count() or 1))
@@ -109,14 +118,20 @@ def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer,
     pool = concurrent.futures.ThreadPoolExecutor(threads or default_threads(), "dsv3-convert")
     saving = concurrent.futures.ThreadPoolExecutor(1, "dsv3-write")
     pending: concurrent.futures.Future | None = None
+    arenas = (direct.Arena(), direct.Arena())  # block i is built in arenas[i % 2] while block i - 1 is written
+    largest = max(_target_bytes(block.target(abstract)) for block in blocks)
     try:
+        for arena in arenas:
+            arena.take(largest)  # sized once: a growing arena would fault its pages in again
         for i, block in enumerate(blocks):
             if i + 1 < len(blocks):
                 source.prefetch(_block_tensors(blocks[i + 1], source))
-            tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved, pool)
+            arena = arenas[i % 2]
+            tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved, pool,
+                                        arena)
             if pending is not None:
                 written += pending.result()  # at most one block waits for the disk
-            pending = saving.submit(writer.write, block.name, tree)
+            pending = saving.submit(writer.write, block.name, tree, arena)
             del tree
             dtypes = _block_tensors(block, source)
             records.append({**block.record(), "hf_dtypes": dtypes, "copies": [c for c, _ in block.copies]})
@@ -130,6 +145,8 @@ def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer,
         with deferred_interrupt(reraise=False):  # the block being saved finishes before cleanup
             saving.shutdown(wait=True)
             pool.shutdown(wait=True, cancel_futures=True)
+            for arena in arenas:
+                arena.release()
     return records, read, written, tensors
 
 
@@ -153,6 +170,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, weights: str = "bf16
     start = time.perf_counter()
     with open_source(src, config) as (source, model_config, interleaved, kind):
         source.allow_nonfinite = allow_nonfinite  # read by blocks.convert_entry
+        source.direct_io = True  # every byte is read once: no use for the page cache
         blocks = plan_blocks(model_config, source.names())
         abstract = abstract_tree(model_config, weights)
         check_source(blocks, source, abstract)

@@ -6,7 +6,8 @@ layout ([out, in] for linear weights) and their safetensors dtype strings ("F8_E
 - `SafetensorsSource`: a HF directory (index + shards, one `model.safetensors`, or loose shards). Headers are read
   and validated up front; tensors are read with positional reads (`os.preadv`, thread-safe, the GIL released) into
   fresh arrays (no mmap), so the process holds only what the converter keeps and its resident memory does not grow
-  with the checkpoint; several threads may read at once, and `prefetch` asks the kernel to read ahead.
+  with the checkpoint; several threads may read at once, and `prefetch` asks the kernel to read ahead. The
+  converter sets `direct_io`: reads then bypass the page cache (`dsv3_jax.ckpt.direct`).
 - `TorchSource`: PyTorch `.pt` / `.bin` state dicts (torch imported only here, `weights_only=True`, mmapped).
   transformers' fused in-memory expert tensors (`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj`
   [E, D, I]) are presented as the per-expert names of the released layout.
@@ -17,7 +18,6 @@ layout ([out, in] for linear weights) and their safetensors dtype strings ("F8_E
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -29,12 +29,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax.ckpt import direct
 from dsv3_jax.ckpt.safetensors import DTYPES, INDEX_NAME, checkpoint_files, read_header
 from dsv3_jax.errors import ConvertError, SafetensorsError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
-READ_SPLIT, READ_SPLIT_BYTES = 4, 256 << 20  # tensors this large are read as 4 parallel ranges
 
 
 class Source:
@@ -43,6 +43,7 @@ class Source:
     description = "checkpoint"
     reads_into = False  # whether `_read` accepts `out`
     reads_rows = False  # whether `read_rows` reads only the rows asked for
+    direct_io = False  # read with O_DIRECT where the source can (set by the converter: each byte is read once)
 
     def __init__(self) -> None:
         self._info: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -91,6 +92,12 @@ class Source:
         """Rows [start, stop) of the tensor (its first axis) as a fresh array."""
         return np.array(self.read(name)[start:stop])
 
+    def read_temp(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of the tensor (default all), possibly in a buffer this thread reuses: valid until
+        the same thread's next `read_temp` (for a value consumed at once, e.g. transposed into a block buffer)."""
+        value = self.read(name)
+        return value if start == 0 and stop is None else value[start:stop]
+
     def prefetch(self, names) -> None:
         """Hint that `names` will be read soon (the kernel may start reading them); no-op by default."""
 
@@ -121,6 +128,7 @@ class SafetensorsSource(Source):
         self._files = files
         self._offsets: dict[str, int] = {}
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
         for path in sorted(set(files.values())):
             header, data_start = header_of(path)
@@ -153,8 +161,9 @@ class SafetensorsSource(Source):
             return self._fds[path]
 
     def prefetch(self, names) -> None:
-        """posix_fadvise(WILLNEED) on each tensor's byte range: the kernel reads ahead while we convert."""
-        if not hasattr(os, "posix_fadvise"):
+        """posix_fadvise(WILLNEED) on each tensor's byte range: the kernel reads ahead while we convert (not with
+        O_DIRECT reads, which bypass the page cache it would fill)."""
+        if not hasattr(os, "posix_fadvise") or self.direct_io:
             return
         for name in names:
             if name in self._info:
@@ -162,22 +171,38 @@ class SafetensorsSource(Source):
                                  os.POSIX_FADV_WILLNEED)
 
     def _read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """Large tensors are read as `READ_SPLIT` ranges in parallel threads: the disk serves several requests at
-        once about twice as fast as one."""
+        """Read in parallel pieces (`direct.read_into`: the disk serves several requests at once faster than
+        one), through O_DIRECT when `direct_io` is set."""
         dtype, shape = self._info[name]
         out = np.empty(shape, DTYPES[dtype]) if out is None else out
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        fd, offset = self._fd(self._files[name]), self._offsets[name]
-        if len(view) < READ_SPLIT_BYTES:
-            self._read_range(name, fd, offset, view)
-            return out
-        step = -(-len(view) // READ_SPLIT)
-        with concurrent.futures.ThreadPoolExecutor(READ_SPLIT, "dsv3-read") as pool:
-            parts = [pool.submit(self._read_range, name, fd, offset + i, view[i:i + step])
-                     for i in range(0, len(view), step)]
-            for part in parts:
-                part.result()
+        fd, is_direct = self._fd_for(name)
+        try:
+            direct.read_into(fd, self._offsets[name], out, is_direct)
+        except EOFError as e:
+            raise ConvertError(f"{self._files[name]}: tensor {name}: {e}") from None
         return out
+
+    def read_temp(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        dtype, shape = self._info[name]
+        stop = shape[0] if stop is None and shape else stop
+        row = DTYPES[dtype].itemsize * math.prod(shape[1:])
+        rows = (stop - start) if shape else 1
+        fd, is_direct = self._fd_for(name)
+        try:
+            raw = direct.read_range(fd, self._offsets[name] + start * row, rows * row, is_direct)
+        except EOFError as e:
+            raise ConvertError(f"{self._files[name]}: tensor {name}: {e}") from None
+        return raw.view(DTYPES[dtype]).reshape(((stop - start), *shape[1:]) if shape else ())
+
+    def _fd_for(self, name: str) -> tuple[int, bool]:
+        """(fd, whether O_DIRECT) for reading tensor `name`: O_DIRECT only when `direct_io` is set."""
+        path = self._files[name]
+        if not self.direct_io:
+            return self._fd(path), False
+        with self._lock:
+            if path not in self._direct_fds:
+                self._direct_fds[path] = direct.open_direct(path, os.O_RDONLY)
+            return self._direct_fds[path]
 
     def _read_range(self, name: str, fd: int, offset: int, view: memoryview) -> None:
         done = 0
@@ -190,9 +215,10 @@ class SafetensorsSource(Source):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *(fd for fd, _ in self._direct_fds.values())]:
                 os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
 
 
 def header_of(path: str) -> tuple[dict[str, Any], int]:

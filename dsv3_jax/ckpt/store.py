@@ -3,13 +3,14 @@
     OUT/config.json     ModelConfig.to_hf_config() plus a "dsv3_jax" section {format, version, weights}
     OUT/manifest.json   format, weights, source, and one record per block (name, stack, layer, keys, sizes,
                         the HF dtype of each source tensor: export writes them back in that dtype)
-    OUT/blocks/<name>/  one orbax PyTree save (OCDBT, zarr arrays in chunks of at most CHUNK_BYTES) of the block's
-                        tree {collection: subtree}; a QuantArray is stored as {"values": e4m3 [.., K, N],
-                        "scales": f32 [.., K/128, N/128]}
+    OUT/blocks/<name>.safetensors  the block's tree {collection: subtree} as one safetensors file (`blockfile`),
+                        leaves under dotted names; a QuantArray as "<name>.values" (e4m3 [.., K, N]) and
+                        "<name>.scales" (f32 [.., K/128, N/128]); written with O_DIRECT (`direct`)
 
 `load_converted` reads it straight into shardings: every leaf is a `jax.make_array_from_callback` whose per-device
-callbacks read their slice of each layer block's zarr array through tensorstore (`BlockArrays`), so no step
-holds the model on the host and each process of a multi-process run reads only for its own devices.
+callbacks read their slice of each layer block's array (`blockfile.BlockFiles`: positional reads of the rows the
+slice covers), so no step holds the model on the host and each process of a multi-process run reads only for its
+own devices. Version 1 (orbax/zarr blocks, written before this format) is refused with a note to re-convert.
 
 Everything is written into a sibling `OUT.tmp-<pid>-XXXX` directory renamed onto OUT at the end; on any failure
 (Ctrl-C included: it waits for the block being saved, then cleans up) the temporary directory is removed, so OUT
@@ -37,6 +38,9 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
+from dsv3_jax.ckpt import direct
+from dsv3_jax.ckpt.blockfile import SUFFIX as BLOCK_SUFFIX
+from dsv3_jax.ckpt.blockfile import BlockFiles, write_block
 from dsv3_jax.ckpt.blocks import Block, Tree, abstract_tree, check_tree, count_nonfinite
 from dsv3_jax.ckpt.place import check_shardings, leaf_sharding, place_leaf
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
@@ -46,29 +50,10 @@ from dsv3_jax.model.axes import STACK_NAMES
 from dsv3_jax.quant.fp8 import QuantArray, tree_nbytes
 
 FORMAT = "dsv3_jax.blocks"
-VERSION = 1
+VERSION = 2  # 1: orbax/zarr blocks (before O_DIRECT safetensors blocks)
 MANIFEST = "manifest.json"
 BLOCKS_DIR = "blocks"
 OWNER_FILE = ".dsv3-owner.json"  # inside a temporary output directory: who is writing it
-
-
-def _checkpointer():
-    """For restoring (numpy leaves when the target is ShapeDtypeStructs without sharding)."""
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer()
-
-
-def _saver():
-    """A synchronous PyTree checkpointer whose numpy handler does not deep-copy arrays before writing (orbax's
-    default, a guard against concurrent mutation): nothing touches a block while it is saved, and the copy would
-    double the peak memory of a conversion. No zstd: weights barely compress and it dominated the write time."""
-    import orbax.checkpoint as ocp
-
-    handlers = ocp.type_handlers
-    registry = handlers.create_type_handler_registry(
-        (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)), (np.number, handlers.ScalarHandler()))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
 
 
 def _start_time(pid: int) -> str | None:
@@ -246,48 +231,30 @@ def from_saveable(tree: Tree, target: Tree) -> Tree:
     return tree
 
 
-CHUNK_BYTES = 64 << 20  # stored zarr chunks at most this large (orbax splits larger arrays): a sharded load reads
-CACHE_BYTES = 1 << 29  # whole chunks, kept in a cache this large for the other devices that need them
-
-
-def _save_args(tree: Tree):
-    import orbax.checkpoint as ocp
-
-    return jax.tree_util.tree_map(lambda x: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
-
-
 class BlockWriter:
-    """Saves one block at a time under `directory/blocks/<name>` (each save completes before the next one starts;
-    `write` may run in another thread than the caller's). `sizes`: block name → bytes written."""
+    """Saves one block at a time as `directory/blocks/<name>.safetensors` (`write` may run in another thread than
+    the caller's, one call at a time). `sizes`: block name → bytes written."""
 
     def __init__(self, directory: str) -> None:
-        self.directory = directory
+        self.directory = os.path.join(directory, BLOCKS_DIR)
         self.sizes: dict[str, int] = {}
-        os.makedirs(os.path.join(directory, BLOCKS_DIR), exist_ok=True)
-        self._ckptr = _saver()
+        os.makedirs(self.directory, exist_ok=True)
+        self._arena = direct.Arena()  # for trees not built in an arena (copied in before writing)
 
-    def write(self, name: str, tree: Tree) -> int:
+    def write(self, name: str, tree: Tree, arena: direct.Arena | None = None) -> int:
         """Save `tree` (returns when it is on disk; a Ctrl-C meanwhile waits for it); returns its size in bytes.
-        A failed write is an OSError (disk full, read-only, ...) or a ConvertError, naming the block."""
-        import orbax.checkpoint as ocp
-
-        location = os.path.join(self.directory, BLOCKS_DIR, name)
+        `arena`: the one `blocks.convert_block` built the tree in (written without a copy). A failed write is an
+        OSError (disk full, read-only, ...) naming the block."""
         try:
             with deferred_interrupt():
-                saveable = to_saveable(tree)
-                self._ckptr.save(location, args=ocp.args.PyTreeSave(saveable, save_args=_save_args(saveable)))
-        except OSError:
-            raise
-        except Exception as e:  # orbax / tensorstore raise many types
-            cause = os_error_of(e)
-            if cause is not None:
-                raise OSError(cause.errno, f"{cause.strerror} while writing block {name}", location) from e
-            raise ConvertError(f"{location}: cannot write block {name} ({type(e).__name__}: {e})") from e
-        self.sizes[name] = tree_nbytes(tree)
+                self.sizes[name] = write_block(self.directory, name, to_saveable(tree), arena or self._arena)
+        except OSError as e:
+            location = os.path.join(self.directory, name + BLOCK_SUFFIX)
+            raise OSError(e.errno, f"{e.strerror} while writing block {name}", location) from e
         return self.sizes[name]
 
     def close(self) -> None:
-        self._ckptr.close()
+        self._arena.release()
 
 
 def hf_config_with_section(config: ModelConfig, weights: str) -> dict:
@@ -308,6 +275,9 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConvertError(f"{manifest_path}: cannot read manifest ({e})") from e
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("version") == 1:
+        raise ConvertError(f"{manifest_path}: a {FORMAT} v1 checkpoint (orbax blocks, written by an older dsv3); "
+                           f"this version reads v{VERSION}: convert the source again with `dsv3 convert`")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConvertError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
     for key, kind in (("weights", str), ("blocks", list)):
@@ -333,27 +303,18 @@ def check_finite(tree: Tree, where: str, what: str) -> None:
                                f"value(s) of {arr.size}; pass allow_nonfinite=True (--allow-nonfinite) to accept")
 
 
-def read_block(path: str, block: Block, target: Tree, ckptr=None, *, allow_nonfinite: bool = False) -> Tree:
-    """Restore one block (numpy leaves, QuantArray where the target has one), checked against `target` and, unless
-    `allow_nonfinite`, for NaN / Inf values."""
-    location = os.path.join(os.path.abspath(path), BLOCKS_DIR, block.name)
-    if not os.path.isdir(location):
-        raise ConvertError(f"{location}: block {block.name} is missing")
-    abstract = to_saveable(target)
-    own = ckptr is None
-    ckptr = ckptr or _checkpointer()
+def read_block(path: str, block: Block, target: Tree, files: BlockFiles | None = None, *,
+               allow_nonfinite: bool = False) -> Tree:
+    """Read one whole block (numpy leaves, QuantArray where the target has one), checked against `target` and,
+    unless `allow_nonfinite`, for NaN / Inf values."""
+    own = files is None
+    files = files or BlockFiles(os.path.join(os.path.abspath(path), BLOCKS_DIR), allow_nonfinite)
     try:
-        restored = ckptr.restore(location, abstract)
-    except Exception as e:  # orbax / tensorstore raise many types
-        raise ConvertError(f"{location}: cannot restore block {block.name} ({type(e).__name__}: {e})") from e
+        tree = from_saveable(files.read_tree(block.name, to_saveable(target)), target)
     finally:
         if own:
-            ckptr.close()
-    restored = jax.tree_util.tree_map(np.asarray, restored)
-    if not allow_nonfinite:
-        check_finite(restored, location, f"block {block.name} tensor")
-    tree = from_saveable(restored, target)
-    check_tree(tree, target, location)
+            files.close()
+    check_tree(tree, target, os.path.join(path, BLOCKS_DIR, block.name + BLOCK_SUFFIX))
     return tree
 
 
@@ -370,58 +331,6 @@ def _resolve_config(config: ModelConfig | None, stored: ModelConfig, path: str) 
         raise ConvertError(f"{path}: config does not match the checkpoint in {diff[:5]} "
                            f"(checkpoint: {[ours[k] for k in diff[:5]]}, given: {[theirs[k] for k in diff[:5]]})")
     return config
-
-
-class BlockArrays:
-    """Slices of the arrays saved in a converted checkpoint's blocks, read through tensorstore (the zarr arrays of
-    each block's OCDBT store): a read touches only the chunks the slice covers. Handles are opened on first use
-    and checked against the target's shape and dtype."""
-
-    def __init__(self, path: str, allow_nonfinite: bool) -> None:
-        self.path, self.allow_nonfinite = path, allow_nonfinite
-        self._handles: dict[tuple[str, str], object] = {}
-        self._lock = threading.Lock()
-        self._context = None
-
-    def _open(self, block: str, key: str, spec):
-        import tensorstore as ts
-
-        with self._lock:
-            handle = self._handles.get((block, key))
-        if handle is not None:
-            return handle
-        location = os.path.join(self.path, BLOCKS_DIR, block)
-        if not os.path.isdir(location):
-            raise ConvertError(f"{location}: block {block} is missing")
-        if self._context is None:
-            self._context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
-        try:
-            handle = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{location}",
-                                                             "path": key}, "recheck_cached_data": False},
-                             open=True, read=True, context=self._context).result()
-        except Exception as e:  # tensorstore raises ValueError and others
-            raise ConvertError(f"{location}: block {block} has no readable tensor {key} ({e})") from e
-        if tuple(handle.shape) != tuple(spec.shape) or np.dtype(handle.dtype.numpy_dtype) != np.dtype(spec.dtype):
-            raise ConvertError(f"{location}: block {block} tensor {key} is {handle.dtype.numpy_dtype}"
-                               f"{list(handle.shape)}, expected {np.dtype(spec.dtype)}{list(spec.shape)}")
-        with self._lock:
-            self._handles[(block, key)] = handle
-        return handle
-
-    def read(self, block: str, key: str, spec, index: tuple[slice, ...]) -> np.ndarray:
-        """block's tensor `key` (orbax's dotted name) at `index`, checked for NaN / Inf unless allowed."""
-        try:
-            value = self._open(block, key, spec)[index].read().result()
-        except ConvertError:
-            raise
-        except Exception as e:
-            location = os.path.join(self.path, BLOCKS_DIR, block)
-            raise ConvertError(f"{location}: cannot read block {block} tensor {key} ({type(e).__name__}: {e})") from e
-        if not self.allow_nonfinite and (bad := count_nonfinite(value)):
-            location = os.path.join(self.path, BLOCKS_DIR, block)
-            raise ConvertError(f"{location}: block {block} tensor {key} holds {bad} non-finite (NaN/Inf) value(s) "
-                               f"in {value.size} read; pass allow_nonfinite=True (--allow-nonfinite) to accept")
-        return value
 
 
 def _leaf_sources(blocks: list[Block], abstract: Tree) -> dict[str, tuple[list[str] | str, str]]:
@@ -443,7 +352,7 @@ def _leaf_sources(blocks: list[Block], abstract: Tree) -> dict[str, tuple[list[s
     return out
 
 
-def _read_slice(index: tuple[slice, ...], spec, part: str | None, *, blocks, key: str, arrays: BlockArrays):
+def _read_slice(index: tuple[slice, ...], spec, part: str | None, *, blocks, key: str, arrays: BlockFiles):
     """The numpy block `index` of one leaf: from one block, or (stacked leaf) one layer block per row."""
     key = key if part is None else f"{key}.{part}"
     if isinstance(blocks, str):
@@ -473,7 +382,7 @@ def load_converted(path: str | os.PathLike, config: ModelConfig | None = None, *
     _check_stack_counts(path, blocks, abstract)
     sources = _leaf_sources(blocks, abstract)
     check_shardings(shardings, set(sources), ConvertError)
-    arrays = BlockArrays(path, allow_nonfinite)
+    arrays = BlockFiles(os.path.join(path, BLOCKS_DIR), allow_nonfinite)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out: Tree = {}
     for leaf_path, want in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x,
@@ -487,6 +396,7 @@ def load_converted(path: str | os.PathLike, config: ModelConfig | None = None, *
         owner, name = sources[key]
         node[leaf_path[-1].key] = place_leaf(want, leaf_sharding(shardings, key, default), functools.partial(
             _read_slice, blocks=owner, key=name, arrays=arrays))
+    arrays.close()
     return config, out
 
 

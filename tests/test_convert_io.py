@@ -1,0 +1,124 @@
+"""The converter's disk I/O (`dsv3_jax.ckpt.direct`, `dsv3_jax.ckpt.blockfile`): O_DIRECT and buffered paths give
+the same bytes, chunked transposes equal whole ones, block files are plain safetensors, slice reads equal numpy
+slicing."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from convert_fixtures import write_fp8_checkpoint
+from safetensors import safe_open
+
+import dsv3_jax as d
+from dsv3_jax.ckpt import blockfile, blocks, convert, direct
+from dsv3_jax.errors import ConvertError
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return write_fp8_checkpoint(str(tmp_path_factory.mktemp("convert_io") / "fp8_src"))
+
+
+def _block_bytes(out) -> dict[str, bytes]:
+    folder = os.path.join(out, "blocks")
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_direct_chunked_and_buffered_conversions_write_the_same_bytes(fx, tmp_path, monkeypatch, weights):
+    """Buffered whole-tensor I/O vs O_DIRECT with tiny pieces (many parallel transfers, unaligned tensor
+    offsets) and tiny transpose chunks (every large-tensor path taken): identical block files."""
+    monkeypatch.setattr(direct, "DIRECT_IO", False)
+    convert(fx.directory, tmp_path / "buffered", weights, progress=False)
+    monkeypatch.setattr(direct, "DIRECT_IO", hasattr(os, "O_DIRECT"))
+    monkeypatch.setattr(direct, "PIECE", 3 * direct.ALIGN)
+    monkeypatch.setattr(blocks, "TEMP_BYTES", 1000)
+    monkeypatch.setattr(blocks, "_TILE", 8)
+    chunked = []
+    original = blocks._transpose_in_chunks
+    monkeypatch.setattr(blocks, "_transpose_in_chunks", lambda *a: chunked.append(a[0]) or original(*a))
+    convert(fx.directory, tmp_path / "direct", weights, progress=False)
+    assert len(chunked) >= (20 if weights == "fp8" else 1)  # FP8 weights kept FP8; the bf16 head
+    assert _block_bytes(tmp_path / "buffered") == _block_bytes(tmp_path / "direct")
+    _, a = d.load_pretrained(tmp_path / "direct")
+    _, b = d.load_pretrained(fx.directory, weights=weights)
+    for x, y in zip(*(jax.tree_util.tree_leaves(v) for v in (a, b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+def test_block_files_are_plain_safetensors_with_aligned_data(fx, tmp_path):
+    """Any safetensors reader opens a block file (the reference library here), tensor for tensor; the data
+    region starts on a 4096-byte boundary (the header is padded with spaces)."""
+    out = tmp_path / "fp8"
+    convert(fx.directory, out, "fp8", progress=False)
+    path = os.path.join(out, "blocks", "layer_001.safetensors")
+    files = blockfile.BlockFiles(os.path.join(out, "blocks"), allow_nonfinite=False)
+    _, header, start = files._open("layer_001")
+    assert start % direct.ALIGN == 0
+    with safe_open(path, framework="pt") as f:
+        assert set(f.keys()) == set(header)
+        for key in f.keys():
+            ours = files.read("layer_001", key, _spec(header[key]))
+            theirs = f.get_tensor(key)
+            assert list(theirs.shape) == list(ours.shape)
+            np.testing.assert_array_equal(theirs.contiguous().view(-1).view(dtype=_torch_uint(ours)).numpy(),
+                                          ours.reshape(-1).view({1: np.uint8, 2: np.int16, 4: np.int32}[ours.itemsize]))
+    files.close()
+
+
+def _spec(entry):
+    from dsv3_jax.ckpt.safetensors import DTYPES
+
+    return jax.ShapeDtypeStruct(tuple(entry["shape"]), DTYPES[entry["dtype"]])
+
+
+def _torch_uint(a: np.ndarray):
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.itemsize]
+
+
+def test_slice_reads_equal_numpy_slicing(tmp_path, monkeypatch):
+    """Shards of a stored [E, K, N] array along each axis (inner axes cut: rows read in pieces) equal slicing."""
+    monkeypatch.setattr(blockfile, "READ_PIECE", 700)
+    a = np.random.default_rng(0).standard_normal((6, 10, 12)).astype(ml_dtypes.bfloat16)
+    arena = direct.Arena()
+    blockfile.write_block(str(tmp_path), "b", {"params": {"w": a, "s": np.float32(3.0)}}, arena)
+    files = blockfile.BlockFiles(str(tmp_path), allow_nonfinite=False)
+    spec = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    for index in [(slice(2, 4),), (slice(None), slice(5, 10)), (slice(1, 5), slice(None), slice(3, 9)),
+                  (slice(None), slice(None), slice(0, 6))]:
+        np.testing.assert_array_equal(files.read("b", "params.w", spec, index), a[index])
+    assert files.read("b", "params.s", jax.ShapeDtypeStruct((), np.float32)) == 3.0
+    with pytest.raises(ConvertError, match=r"b.safetensors: block b tensor params.w is bfloat16\[6, 10, "
+                                                    r"12\], expected float32"):
+        files.read("b", "params.w", jax.ShapeDtypeStruct(a.shape, np.float32))
+    files.close()
+
+
+def test_a_filesystem_without_o_direct_falls_back_to_buffered_io(tmp_path, monkeypatch):
+    """open(O_DIRECT) failing with EINVAL (tmpfs does) → the same file opened buffered; the write still lands."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    fd, is_direct = direct.open_direct(str(tmp_path / "x"), os.O_WRONLY | os.O_CREAT)
+    os.close(fd)
+    assert not is_direct
+    arena = direct.Arena()
+    data = np.arange(5000, dtype=np.uint8)
+    blockfile.write_block(str(tmp_path), "b", {"p": {"x": data}}, arena)
+    files = blockfile.BlockFiles(str(tmp_path), allow_nonfinite=False)
+    np.testing.assert_array_equal(files.read("b", "p.x", jax.ShapeDtypeStruct((5000,), np.uint8)), data)
+    files.close()
