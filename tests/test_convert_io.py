@@ -122,3 +122,15 @@ def test_a_filesystem_without_o_direct_falls_back_to_buffered_io(tmp_path, monke
     files = blockfile.BlockFiles(str(tmp_path), allow_nonfinite=False)
     np.testing.assert_array_equal(files.read("b", "p.x", jax.ShapeDtypeStruct((5000,), np.uint8)), data)
     files.close()
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16, np.float32])
+@pytest.mark.parametrize("shape", [(200, 2048), (130, 77), (1, 5), (64, 64)])
+def test_tiled_transpose_equals_numpy(monkeypatch, dtype, shape):
+    """The padded-tile transpose (single thread, and split over threads) is exactly w.T, ragged tiles included."""
+    w = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    for split_bytes in (1 << 40, 1):
+        monkeypatch.setattr(blocks, "_SPLIT_BYTES", split_bytes)
+        out = np.empty(shape[::-1], dtype)
+        blocks.transpose_into(w, out)
+        np.testing.assert_array_equal(out.view(np.uint8), np.ascontiguousarray(w.T).view(np.uint8))
