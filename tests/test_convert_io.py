@@ -62,7 +62,7 @@ def test_block_files_are_plain_safetensors_with_aligned_data(fx, tmp_path):
     assert start % direct.ALIGN == 0
     with safe_open(path, framework="pt") as f:
         assert set(f.keys()) == set(header)
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             ours = files.read("layer_001", key, _spec(header[key]))
             theirs = f.get_tensor(key)
             assert list(theirs.shape) == list(ours.shape)

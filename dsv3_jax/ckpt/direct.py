@@ -15,6 +15,7 @@ that both paths agree).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import mmap
 import os
@@ -57,10 +58,8 @@ class Arena:
     def release(self) -> None:
         """Give the memory back (views taken from it must not be used afterwards)."""
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a view is still alive: the mapping goes with the last view
                 self._map.close()
-            except BufferError:  # a view is still alive: the mapping goes when the last view does
-                pass
             self._map = None
 
 

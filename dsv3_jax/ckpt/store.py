@@ -41,13 +41,13 @@ import numpy as np
 from dsv3_jax.ckpt import direct
 from dsv3_jax.ckpt.blockfile import SUFFIX as BLOCK_SUFFIX
 from dsv3_jax.ckpt.blockfile import BlockFiles, write_block
-from dsv3_jax.ckpt.blocks import Block, Tree, abstract_tree, check_tree, count_nonfinite
+from dsv3_jax.ckpt.blocks import Block, Tree, abstract_tree, check_tree
 from dsv3_jax.ckpt.place import check_shardings, leaf_sharding, place_leaf
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
 from dsv3_jax.errors import ConfigError, ConvertError
 from dsv3_jax.model.api import Variables
 from dsv3_jax.model.axes import STACK_NAMES
-from dsv3_jax.quant.fp8 import QuantArray, tree_nbytes
+from dsv3_jax.quant.fp8 import QuantArray
 
 FORMAT = "dsv3_jax.blocks"
 VERSION = 2  # 1: orbax/zarr blocks (before O_DIRECT safetensors blocks)
@@ -291,16 +291,6 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
         raise ConvertError(f"{where}{e}") from None
     dtype = "float32" if manifest["weights"] == "fp32" else "bfloat16"
     return manifest, config.replace(param_dtype=dtype, dtype=dtype)
-
-
-def check_finite(tree: Tree, where: str, what: str) -> None:
-    """ConvertError naming the first leaf of `tree` that holds NaN or Inf (and how many values do)."""
-    for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.asarray(leaf)
-        bad = count_nonfinite(arr)
-        if bad:
-            raise ConvertError(f"{where}: {what} {jax.tree_util.keystr(key)} holds {bad} non-finite (NaN/Inf) "
-                               f"value(s) of {arr.size}; pass allow_nonfinite=True (--allow-nonfinite) to accept")
 
 
 def read_block(path: str, block: Block, target: Tree, files: BlockFiles | None = None, *,
