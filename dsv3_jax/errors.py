@@ -7,6 +7,9 @@ callers may catch them by either.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class Dsv3Error(Exception):
     """Base of every dsv3-jax error; the message names the culprit (file, tensor, field, value) and what was
@@ -59,3 +62,18 @@ class TrainingError(Dsv3Error, RuntimeError):
     """Training cannot go on (non-finite loss, a checkpoint from another config); the message says what to do."""
 
     exit_code = 1
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a failure of a library that wraps it (orbax, tensorstore, safetensors: chained, or only
+    quoted in the message), if any — so disk full / read-only / permission problems reach the user as such."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).lower()
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.ENOTDIR):
+        if os.strerror(code).lower() in text:
+            return OSError(code, os.strerror(code))
+    return None

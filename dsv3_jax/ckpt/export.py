@@ -35,13 +35,12 @@ from dsv3_jax.ckpt.safetensors import DTYPES, write_sharded
 from dsv3_jax.ckpt.store import (
     atomic_directory,
     check_output,
-    os_error_of,
     read_block,
     read_manifest,
     write_json,
 )
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.errors import ConvertError, SafetensorsError
+from dsv3_jax.errors import ConvertError, SafetensorsError, os_error_of
 from dsv3_jax.quant.fp8 import FP8_WEIGHT_NAMES, QuantArray
 
 EXPORT_WEIGHTS = ("bf16", "fp8")

@@ -193,20 +193,6 @@ def atomic_directory(out: str | os.PathLike, log: Callable[[str], None] | None =
         raise
 
 
-def os_error_of(error: BaseException) -> OSError | None:
-    """The OSError behind an orbax / tensorstore / safetensors failure (chained, or only quoted), if any."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    text = str(error).lower()
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.ENOTDIR):
-        if os.strerror(code).lower() in text:
-            return OSError(code, os.strerror(code))
-    return None
-
-
 def write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
-from dsv3_jax.errors import TrainingError
+from dsv3_jax.errors import TrainingError, os_error_of
 from dsv3_jax.model.api import init_variables
 from dsv3_jax.text.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from dsv3_jax.train import data as data_lib
@@ -205,26 +205,13 @@ def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
     return restored["state"], meta
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind an orbax / tensorstore failure (they wrap it, or only quote it), if any."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
-        if os.strerror(code).lower() in str(e).lower():
-            return OSError(code, os.strerror(code))
-    return None
-
-
 def _guarded_save(out_dir: str, step: int, save) -> None:
     """Run `save()`; a failure becomes an OSError (disk full, read-only, ...) or a TrainingError naming the step.
     The previous checkpoints are untouched: orbax writes a step into a temporary directory first."""
     try:
         save()
     except Exception as e:
-        cause = _os_error(e)
+        cause = os_error_of(e)
         where = os.path.join(out_dir, "checkpoints")
         if cause is not None:
             raise OSError(cause.errno, f"{cause.strerror} while saving a checkpoint (reported at step {step}; "
