@@ -316,7 +316,8 @@ _NONFINITE_BITS = {"float64": (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000
                    "float32": (np.uint32, 0x7F800000, 0x7F800000), "float16": (np.uint16, 0x7C00, 0x7C00),
                    "bfloat16": (np.uint16, 0x7F80, 0x7F80), "float8_e4m3fn": (np.uint8, 0x7F, 0x7F),
                    "float8_e5m2": (np.uint8, 0x7C, 0x7C)}
-_CHUNK = 1 << 22  # elements per pass: the temporaries stay a few MB whatever the tensor size
+_CHUNK = 1 << 18  # elements per pass: temporaries of 256 KB come from the heap and are reused (4 MB ones were
+# mapped afresh per pass: 250k page faults per GB checked)
 
 
 def count_nonfinite(arr: np.ndarray) -> int:
@@ -391,7 +392,8 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
     return (quantize_fp8(w) if isinstance(want, QuantArray) else relayout(w, False, want.dtype)), nbytes
 
 
-TEMP_BYTES = 128 << 20  # a large tensor transposed into a block buffer is read this many bytes of rows at a time
+TEMP_BYTES = 32 << 20  # a large tensor transposed into a block buffer is read this many bytes of rows at a time
+DEQUANT_BYTES = 8 << 20  # the same for an FP8 tensor dequantised on the way
 
 
 def _chunked_target(entry: Entry, source: Source, want, out, rope: bool) -> tuple[np.ndarray, bool] | None:
@@ -421,7 +423,9 @@ def _transpose_in_chunks(entry: Entry, source: Source, out_BA: np.ndarray, scale
     rows, cols = source.info(entry.hf_name)[1]
     row_bytes = DTYPES[source.info(entry.hf_name)[0]].itemsize * cols
     unit = BLOCK if scale is not None else _TILE
-    step = max(unit, TEMP_BYTES // row_bytes // unit * unit)
+    # a dequantised chunk is a fresh XLA buffer: kept under glibc's mmap threshold it is reused, not faulted in
+    budget = TEMP_BYTES if scale is None else DEQUANT_BYTES
+    step = max(unit, budget // row_bytes // unit * unit)
     for start in range(0, rows, step):
         raw = source.read_temp(entry.hf_name, start, min(rows, start + step))
         _refuse_nonfinite(entry, source, raw)

@@ -119,10 +119,9 @@ def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer,
     saving = concurrent.futures.ThreadPoolExecutor(1, "dsv3-write")
     pending: concurrent.futures.Future | None = None
     arenas = (direct.Arena(), direct.Arena())  # block i is built in arenas[i % 2] while block i - 1 is written
-    largest = max(_target_bytes(block.target(abstract)) for block in blocks)
     try:
-        for arena in arenas:
-            arena.take(largest)  # sized once: a growing arena would fault its pages in again
+        for parity, arena in enumerate(arenas):  # sized once for its blocks: a growing arena faults pages again
+            arena.take(max([_target_bytes(b.target(abstract)) for b in blocks[parity::2]], default=1))
         for i, block in enumerate(blocks):
             if i + 1 < len(blocks):
                 source.prefetch(_block_tensors(blocks[i + 1], source))
