@@ -88,28 +88,29 @@ def read_slice(fd: int, offset: int, shape: tuple[int, ...], dtype, index: tuple
     if any(r.step != 1 for r in ranges):
         raise ValueError(f"only unit-step slices are read, got {index}")
     if not shape:
-        return _read_rows(fd, offset, dtype.itemsize, dtype).reshape(())
+        return _read_rows(fd, offset, np.empty((), dtype))
     out = np.empty([len(r) for r in ranges], dtype)
     row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-    inner = all(len(r) == n for r, n in zip(ranges[1:], shape[1:], strict=True))
-    step = len(ranges[0]) if inner else max(1, READ_PIECE // max(row, 1))
+    if all(len(r) == n for r, n in zip(ranges[1:], shape[1:], strict=True)):  # whole rows: read straight into out
+        _read_rows(fd, offset + ranges[0].start * row, out)
+        return out
+    step = max(1, READ_PIECE // max(row, 1))
     for lo in range(0, len(ranges[0]), step):
         hi = min(lo + step, len(ranges[0]))
-        rows = _read_rows(fd, offset + (ranges[0].start + lo) * row, (hi - lo) * row, dtype)
-        rows = rows.reshape(hi - lo, *shape[1:])
-        out[lo:hi] = rows if inner else rows[(slice(None), *index[1:])]
+        rows = _read_rows(fd, offset + (ranges[0].start + lo) * row, np.empty((hi - lo, *shape[1:]), dtype))
+        out[lo:hi] = rows[(slice(None), *index[1:])]
     return out
 
 
-def _read_rows(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
-    buf = np.empty(nbytes, np.uint8)
-    view, done = memoryview(buf), 0
-    while done < nbytes:
+def _read_rows(fd: int, offset: int, out: np.ndarray) -> np.ndarray:
+    """Fill the C-contiguous `out` with the file's bytes from `offset`."""
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if not got:
             raise EOFError(f"file ended {offset + done} bytes in (truncated)")
         done += got
-    return buf.view(dtype)
+    return out
 
 
 class BlockFiles:
