@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from dsv3_jax.host import keep_host_heap
+
+keep_host_heap()  # before XLA starts its threads: see dsv3_jax/host.py (DSV3_KEEP_HOST_HEAP=0 turns it off)
+
 _EXPORTS = {
     "PRESETS": "dsv3_jax.config",
     "ModelConfig": "dsv3_jax.config",

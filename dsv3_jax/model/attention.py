@@ -10,6 +10,8 @@ Two paths over the same parameters:
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import flash
 from dsv3_jax.model.axes import CACHE_COLLECTION
-from dsv3_jax.model.layers import constrain, rms_norm, weight
+from dsv3_jax.model.layers import constrain, dense, rms_norm, weight
 from dsv3_jax.model.rope import apply_rotary, rotary_tables, softmax_scale
 from dsv3_jax.quant.matmul import as_dense, einsum
 
@@ -33,19 +35,19 @@ class MLA(nn.Module):
         width = c.num_attention_heads * c.qk_head_dim
         if c.q_lora_rank is None:
             wq = weight(self, "wq", (c.hidden_size, width), ("embed", "q_heads"), c)
-            return einsum("btd,dk->btk", x_BTD, wq, policy=c.matmul_policy)
+            return dense(x_BTD, wq, c.matmul_policy)
         wq_a = weight(self, "wq_a", (c.hidden_size, c.q_lora_rank), ("embed", "q_lora"), c)
         q_norm = weight(self, "q_norm", (c.q_lora_rank,), ("norm",), c, init="ones")
         wq_b = weight(self, "wq_b", (c.q_lora_rank, width), ("q_lora", "q_heads"), c)
-        q_BTQ = rms_norm(einsum("btd,dq->btq", x_BTD, wq_a, policy=c.matmul_policy), q_norm, c.rms_norm_eps)
-        return einsum("btq,qk->btk", q_BTQ, wq_b, policy=c.matmul_policy)
+        q_BTQ = rms_norm(dense(x_BTD, wq_a, c.matmul_policy), q_norm, c.rms_norm_eps)
+        return dense(q_BTQ, wq_b, c.matmul_policy)
 
     def _latent(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normalised latent c_kv [B,T,C] and the un-rotated shared rotary key k_pe [B,T,R]."""
         c = self.config
         wkv_a = weight(self, "wkv_a", (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), ("embed", "kv_a"), c)
         kv_norm = weight(self, "kv_norm", (c.kv_lora_rank,), ("norm",), c, init="ones")
-        kv_BTA = einsum("btd,da->bta", x_BTD, wkv_a, policy=c.matmul_policy)
+        kv_BTA = dense(x_BTD, wkv_a, c.matmul_policy)
         ckv_BTC, kpe_BTR = jnp.split(kv_BTA, [c.kv_lora_rank], axis=-1)
         return rms_norm(ckv_BTC, kv_norm, c.rms_norm_eps), kpe_BTR
 
@@ -65,7 +67,7 @@ class MLA(nn.Module):
             q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
             qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
             ckv_BSC, kpe_BSR = self._latent(x_BTD)
-            kv_BSHJ = einsum("bsc,cz->bsz", ckv_BSC, wkv_b, policy=c.matmul_policy).reshape(b, t, h, n + u)
+            kv_BSHJ = dense(ckv_BSC, wkv_b, c.matmul_policy).reshape(b, t, h, n + u)
             knope_BSHN, v_BSHU = jnp.split(kv_BSHJ, [n], axis=-1)
             cos, sin = rotary_tables(c, positions_BT)
             qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
@@ -79,7 +81,7 @@ class MLA(nn.Module):
 
     def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
         b, t = out_BTHU.shape[:2]
-        out_BTD = einsum("btk,kd->btd", out_BTHU.reshape(b, t, -1), wo, policy=self.config.matmul_policy)
+        out_BTD = dense(out_BTHU.reshape(b, t, -1), wo, self.config.matmul_policy)
         return constrain(out_BTD, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -150,11 +152,54 @@ def attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, qpos_BT: 
 
 def naive_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mask_BTS: jax.Array,
                     scale: float) -> jax.Array:
-    """softmax(scale · q·k masked) · v with float32 scores [B,H,T,S] and softmax → [B,T,H,U] (the reference)."""
-    k_eq = "bsk" if k_BSHK.ndim == 3 else "bshk"
-    v_eq = "bsu" if v_BSHU.ndim == 3 else "bshu"
-    scores_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHU.dtype)
-    return jnp.einsum(f"bhts,{v_eq}->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
+    """softmax(scale · q·k masked) · v with float32 scores [B,H,T,S] and softmax → [B,T,H,U] (the reference).
+
+    Per-head keys/values (training, prefill) go through `_per_head_attention`, whose backward keeps only the
+    probabilities; keys/values shared by all heads (the absorbed decode path) through plain autodiff."""
+    if k_BSHK.ndim == 4:
+        q_BHTK, k_BHSK, v_BHSU = (jnp.swapaxes(a, 1, 2) for a in (q_BTHK, k_BSHK, v_BSHU))
+        return jnp.swapaxes(_per_head_attention(q_BHTK, k_BHSK, v_BHSU, mask_BTS, scale), 1, 2)
+    probs_BHTS = _probs(jnp.einsum("bthk,bsk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32),
+                        mask_BTS, scale).astype(v_BSHU.dtype)
+    return jnp.einsum("bhts,bsu->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
         v_BSHU.dtype)
+
+
+def _probs(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """Float32 softmax of the scaled scores, masked positions at float32 min."""
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores_BHTS, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _per_head_attention(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSU: jax.Array, mask_BTS: jax.Array,
+                        scale: float) -> jax.Array:
+    """The naive core in head-major layout → [B,H,T,U], with its own backward.
+
+    Why: autodiff of the softmax saves the exponentials and the masked scores besides the probabilities (two
+    extra [B,H,T,S] float32 residuals per layer, stacked by the layer scan) and reduces p·dp over S; this
+    backward keeps only p and uses the FlashAttention identity Σ_s p·dp = Σ_u dO·O (a reduction over U)."""
+    return _per_head_fwd(q_BHTK, k_BHSK, v_BHSU, mask_BTS, scale)[0]
+
+
+def _per_head_fwd(q_BHTK, k_BHSK, v_BHSU, mask_BTS, scale):
+    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK, preferred_element_type=jnp.float32)
+    probs_BHTS = _probs(scores_BHTS, mask_BTS, scale).astype(v_BHSU.dtype)
+    out_BHTU = jnp.einsum("bhts,bhsu->bhtu", probs_BHTS, v_BHSU, preferred_element_type=jnp.float32).astype(
+        v_BHSU.dtype)
+    return out_BHTU, (q_BHTK, k_BHSK, v_BHSU, probs_BHTS, out_BHTU)
+
+
+def _per_head_bwd(scale, residuals, dout_BHTU):
+    q_BHTK, k_BHSK, v_BHSU, probs_BHTS, out_BHTU = residuals
+    f32 = jnp.float32
+    dv_BHSU = jnp.einsum("bhts,bhtu->bhsu", probs_BHTS, dout_BHTU, preferred_element_type=f32)
+    dprobs_BHTS = jnp.einsum("bhtu,bhsu->bhts", dout_BHTU, v_BHSU, preferred_element_type=f32)
+    delta_BHT1 = jnp.sum(dout_BHTU.astype(f32) * out_BHTU.astype(f32), axis=-1, keepdims=True)
+    dscores_BHTS = (probs_BHTS.astype(f32) * (dprobs_BHTS - delta_BHT1) * scale).astype(q_BHTK.dtype)
+    dq_BHTK = jnp.einsum("bhts,bhsk->bhtk", dscores_BHTS, k_BHSK, preferred_element_type=f32)
+    dk_BHSK = jnp.einsum("bhts,bhtk->bhsk", dscores_BHTS, q_BHTK, preferred_element_type=f32)
+    return (dq_BHTK.astype(q_BHTK.dtype), dk_BHSK.astype(k_BHSK.dtype), dv_BHSU.astype(v_BHSU.dtype), None)
+
+
+_per_head_attention.defvjp(_per_head_fwd, _per_head_bwd)

@@ -14,15 +14,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer, head_logits
 
 LOSS_CHUNK = 512  # sequence positions per chunk of the chunked cross-entropy
 
 
 def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Per-position cross-entropy [B,T] in float32."""
+    """Per-position cross-entropy [B,T] in float32.
+
+    The target's log-probability is picked by a select against the vocabulary index, not `take_along_axis`: the
+    value is the same, but the gradient is then an elementwise select fused into the softmax backward instead of
+    a scatter into a zero [B,T,V] buffer (XLA:CPU runs scatters as a slow loop)."""
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    hit_BTV = jax.lax.broadcasted_iota(jnp.int32, logp_BTV.shape, logp_BTV.ndim - 1) == targets_BT[..., None]
+    return -jnp.sum(jnp.where(hit_BTV, logp_BTV, 0.0), axis=-1)
+
+
+def _head_cross_entropy(h_BTD: jax.Array, lm_head_DV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """`token_cross_entropy` of the head's logits; on CPU over the flattened positions (see `layers.dense`: the
+    head's weight gradient from [B,T,V] logits made XLA:CPU copy-transpose the whole logit cotangent first)."""
+    if target_platform() != "cpu":
+        return token_cross_entropy(head_logits(h_BTD, lm_head_DV), targets_BT)
+    b, t, d = h_BTD.shape
+    logits_MV = head_logits(h_BTD.reshape(b * t, d), lm_head_DV)
+    return token_cross_entropy(logits_MV.reshape(b, t, -1), targets_BT)
 
 
 def chunked_cross_entropy(h_BTD: jax.Array, lm_head_DV: jax.Array, targets_BT: jax.Array,
@@ -33,7 +49,7 @@ def chunked_cross_entropy(h_BTD: jax.Array, lm_head_DV: jax.Array, targets_BT: j
     """
     b, t, d = h_BTD.shape
     if chunk <= 0 or chunk >= t:
-        return token_cross_entropy(head_logits(h_BTD, lm_head_DV), targets_BT)
+        return _head_cross_entropy(h_BTD, lm_head_DV, targets_BT)
     pieces = -(-t // chunk)
     pad = pieces * chunk - t
     h_OBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(b, pieces, chunk, d).swapaxes(0, 1)
@@ -42,7 +58,7 @@ def chunked_cross_entropy(h_BTD: jax.Array, lm_head_DV: jax.Array, targets_BT: j
     @jax.checkpoint
     def one(args):
         h_BCD, targets_BC = args
-        return token_cross_entropy(head_logits(h_BCD, lm_head_DV), targets_BC)
+        return _head_cross_entropy(h_BCD, lm_head_DV, targets_BC)
 
     ce_OBC = jax.lax.map(one, (h_OBCD, targets_OBC))
     return ce_OBC.swapaxes(0, 1).reshape(b, pieces * chunk)[:, :t]

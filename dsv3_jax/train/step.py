@@ -144,9 +144,16 @@ def make_loss_fn(config: ModelConfig, tc: TrainConfig):
 
 
 def _accumulate(loss_fn, params, router, batch, lam, accum: int):
-    """Sum of gradients/aux over `accum` microbatches (scan), then averaged; loads are summed (global counts)."""
-    micro = jax.tree_util.tree_map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
+    """Sum of gradients/aux over `accum` microbatches (scan), then averaged; loads are summed (global counts).
+
+    One microbatch runs without the scan: a one-step loop still keeps XLA from optimising across its boundary
+    (its zero-initialised carry, residual stacks built inside the loop body)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (loss, aux), grads = grad_fn(params, router, batch, lam)
+        loads = aux.pop("loads")
+        return loss, aux, grads, loads
+    micro = jax.tree_util.tree_map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
 
     def body(carry, mb):
         (loss, aux), grads = grad_fn(params, router, mb, lam)
