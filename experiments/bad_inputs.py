@@ -351,7 +351,8 @@ def popen(fx: Fixtures, argv: list) -> subprocess.Popen:
 
 
 def signal_convert(fx: Fixtures, sig: int) -> dict:
-    """SIGINT / SIGKILL once the first block file appears (mid-conversion); then the next invocation must leave only a complete OUT."""
+    """SIGINT / SIGKILL once the first block file appears (mid-conversion); then the next invocation must leave
+    only a complete OUT."""
     out = fx.path("sig_out")
     proc = popen(fx, ["convert", fx.fp8, out, "--quiet"])
     hit = wait_for(lambda: bool(glob.glob(f"{out}.tmp-*/blocks/*.safetensors*")), proc)

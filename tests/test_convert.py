@@ -410,7 +410,8 @@ def test_failure_midway_leaves_nothing_and_src_untouched(fx, tmp_path, monkeypat
 
     written = []
     original = pipeline.BlockWriter.write
-    monkeypatch.setattr(pipeline.BlockWriter, "write", lambda self, n, t, *a: written.append(n) or original(self, n, t, *a))
+    monkeypatch.setattr(pipeline.BlockWriter, "write",
+                        lambda self, n, t, *a: written.append(n) or original(self, n, t, *a))
     with pytest.raises(ConvertError, match=name):
         convert(src, tmp_path / "out", "bf16", progress=False)
     assert written == ["embed", "layer_000", "layer_001", "layer_002", "head"]

@@ -25,16 +25,17 @@ Training memory per device: fp32 master parameters (+ the fp32 router bias), fp3
 Activation formula (per device, N = B_local·T tokens, a = compute-dtype bytes, f = 4, H heads, S = T keys),
 measured against the residuals JAX saves for the backward pass (`jax.ad_checkpoint.print_saved_residuals`) and
 against XLA's compiled memory analysis of `train_step` (tests/test_planner.py):
-  - every RMSNorm keeps w·(2a + f) bytes per token (its fp32 input, the normalised and the scaled tensors);
+  - every RMSNorm keeps w·a + f bytes per token (its input and one fp32 rsqrt: it has its own backward);
   - attention per layer and token: norm(D) twice (attention and FFN norms, covering the residual stream),
-    norm(Q) (q_lora), norm(C), a·R (rotated k_pe), a·H·(2N + R + 2U) (q_nope, k_nope, rotated q_pe, v, output)
-    and the score tensors H·S·(f + a) (masked fp32 scores and the probabilities: this port materialises [B,H,T,S]);
+    norm(Q) (q_lora), norm(C), a·H·(2(N + R) + 3U) (the core's q, k, v and output, the output again for o_proj)
+    and the probabilities H·S·a (the naive core has its own backward; this port materialises [B,H,T,S]);
   - dense MLP: 6·a·F (gate, up, the silu internals, product); MoE: router D·f + 3·E·f + X·(3f + 4),
     the per-pair outputs a·X·D, the shared expert 6·a·F_shared, and the dispatch buffers: for "ragged" (GPU/TPU)
-    M = N·X sorted pairs × a·(D + 6F); for "blocks" (CPU) the padded tile rows × a·(D + 6F) plus the per-tile
-    gathered expert weights 3·Z·D·F·a; int32 permutation indices;
+    M = N·X sorted pairs × a·(D + 6F); for "blocks" (CPU, `moe.tiles` with its own backward) the padded tile
+    rows × 2·a·F (gate and up); int32 permutation indices;
   - compute-dtype copies of the fp32 master weights used by the matmuls (only when the compute dtype is not fp32);
-  - heads (main + each MTP depth): 2·V·f per token (log-softmax kept for the backward pass and its cotangent),
+  - heads (main + each MTP depth): 3·V·f + V per token (the log-softmax and the selected log-probabilities
+    autodiff keeps, the logits' cotangent, the target mask),
     plus the final norm; MTP extras: embedding, enorm, hnorm, the [2D] concat and the eh_proj output; the causal
     mask broadcast per stack, H·S·(1 + f);
   - remat "none": the sum over layers of the above; remat "full": each layer keeps only its input a·D, plus the
@@ -104,15 +105,16 @@ MAX_SEARCH_CHIPS = 65536
 
 
 def _norm(width: int, a: int) -> int:
-    """Bytes per token an RMSNorm keeps for the backward pass: fp32 input, normalised and scaled tensors."""
-    return width * (2 * a + F32)
+    """Bytes per token an RMSNorm keeps for the backward pass (its own backward): its input and one fp32 rsqrt."""
+    return width * a + F32
 
 
 def _attention_bytes_per_token(c: ModelConfig, a: int) -> int:
     """Per-layer attention residuals per token, excluding the [H,S] score tensors (see module docstring)."""
     q = _norm(c.q_lora_rank, a) if c.q_lora_rank else 0
-    heads = a * c.num_attention_heads * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + 2 * c.v_head_dim)
-    return 2 * _norm(c.hidden_size, a) + q + _norm(c.kv_lora_rank, a) + a * c.qk_rope_head_dim + heads
+    k = c.qk_nope_head_dim + c.qk_rope_head_dim
+    heads = a * c.num_attention_heads * (2 * k + 3 * c.v_head_dim)  # q, k, v, output (core and o_proj)
+    return 2 * _norm(c.hidden_size, a) + q + _norm(c.kv_lora_rank, a) + heads
 
 
 def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl: str,
@@ -127,9 +129,9 @@ def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl:
         return rows * (a * (4 * d + 6 * f) + 2 * 4) + 2 * pairs * d * a
     if moe_impl == "ragged":
         return pairs * (a * (d + 6 * f) + 2 * 4)
-    tile = tile_size(pairs, experts)
+    tile = tile_size(pairs, experts)  # "blocks" (CPU): `moe.tiles` keeps only each padded row's gate and up
     tiles = pairs // tile + min(experts, pairs)
-    return tiles * tile * (a * (d + 6 * f) + 4) + 3 * tiles * d * f * a + 3 * pairs * 4
+    return tiles * tile * (2 * a * f + 4) + 3 * pairs * 4
 
 
 def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: str = "full", moe_impl: str = "ragged",
@@ -155,7 +157,7 @@ def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: st
     d, h, v = c.hidden_size, c.num_attention_heads, math.ceil(c.vocab_size / vocab_shards)
     b_local = math.ceil(batch / batch_shards)
     block = min(c.attention_block, seq)
-    scores = n * h * seq * (F32 + a) if attention_impl == "naive" else 4 * b_local * h * block * block * (F32 + a)
+    scores = n * h * seq * a if attention_impl == "naive" else 4 * b_local * h * block * block * (F32 + a)
     attn = n * _attention_bytes_per_token(c, a)
     dense_mlp = n * 6 * a * c.intermediate_size
     router = n * (d * F32 + 3 * c.n_routed_experts * F32 + c.num_experts_per_tok * (3 * F32 + 4)
@@ -170,7 +172,7 @@ def activation_breakdown(config: ModelConfig, batch: int, seq: int, *, remat: st
     if 0 < loss_chunk < seq:  # one chunk's float32 logits, their log-softmax and cotangent at a time
         heads = n * _norm(d, a) + 3 * b_local * loss_chunk * v * F32 + head_copy_bytes
     else:
-        heads = n * (2 * v * F32 * (1 + depth) + _norm(d, a)) + head_copy_bytes
+        heads = n * ((3 * v * F32 + v) * (1 + depth) + _norm(d, a)) + head_copy_bytes
     mtp_extra = depth * n * (a * d + 3 * _norm(d, a) + 3 * a * d)
     stacks = (int(c.num_dense_layers > 0) + int(c.num_moe_layers > 0) + depth) * n * h * seq * (1 + F32) if (
         attention_impl == "naive") else 0  # blockwise derives its masks from positions inside each block
