@@ -40,8 +40,8 @@ def test_direct_chunked_and_buffered_conversions_write_the_same_bytes(fx, tmp_pa
     monkeypatch.setattr(blocks, "TEMP_BYTES", 1000)
     monkeypatch.setattr(blocks, "_TILE", 8)
     chunked = []
-    original = blocks._transpose_in_chunks
-    monkeypatch.setattr(blocks, "_transpose_in_chunks", lambda *a: chunked.append(a[0]) or original(*a))
+    original = blocks._convert_in_chunks
+    monkeypatch.setattr(blocks, "_convert_in_chunks", lambda *a: chunked.append(a[0]) or original(*a))
     convert(fx.directory, tmp_path / "direct", weights, progress=False)
     assert len(chunked) >= (20 if weights == "fp8" else 1)  # FP8 weights kept FP8; the bf16 head
     assert _block_bytes(tmp_path / "buffered") == _block_bytes(tmp_path / "direct")

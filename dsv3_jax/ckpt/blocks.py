@@ -359,7 +359,7 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
     if chunked is not None:
         dst, dequantise = chunked
         scale = _read_scale(entry, source) if dequantise or isinstance(want, QuantArray) else None
-        nbytes = _transpose_in_chunks(entry, source, dst, scale if dequantise else None)
+        nbytes = _convert_in_chunks(entry, source, dst, scale if dequantise else None)
         nbytes += 0 if scale is None else scale.nbytes
         if not isinstance(want, QuantArray):
             return out, nbytes
@@ -392,46 +392,55 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
     return (quantize_fp8(w) if isinstance(want, QuantArray) else relayout(w, False, want.dtype)), nbytes
 
 
-TEMP_BYTES = 32 << 20  # a large tensor transposed into a block buffer is read this many bytes of rows at a time
+TEMP_BYTES = 32 << 20  # a large tensor is read into a block buffer this many bytes of rows at a time
 DEQUANT_BYTES = 8 << 20  # the same for an FP8 tensor dequantised on the way
+CHUNK_THREADS = 4  # row chunks of one large tensor converted at once (one thread waits on the disk, two compute)
 
 
 def _chunked_target(entry: Entry, source: Source, want, out, rope: bool) -> tuple[np.ndarray, bool] | None:
-    """(the block buffer, whether to dequantise) for a 2-D weight that is transposed into the block buffer in row
-    chunks: an FP8 weight dequantised to a plain dtype (any size: XLA's dequantisation without its slow transpose,
-    then the tiled numpy one, ran 1.5–3.5× faster), or a large weight kept in its dtype (an FP8 weight kept FP8,
-    a bf16 head kept bf16); None for every other conversion."""
-    if out is None or not entry.transpose or rope:
+    """(the block buffer, whether to dequantise) for a 2-D weight that goes into the block buffer in row chunks:
+    an FP8 weight dequantised to a plain dtype (any size: XLA's dequantisation without its slow transpose, then
+    the tiled numpy one, ran 1.5-3.5x faster), or a large weight kept in its dtype (an FP8 weight kept FP8, the
+    bf16 head and embedding kept bf16); None for every other conversion."""
+    if out is None or rope:
         return None
     src_dtype = DTYPES.get(source.info(entry.hf_name)[0])
     fp8 = src_dtype == np.dtype(jnp.float8_e4m3fn)
     big = source.nbytes(entry.hf_name) > TEMP_BYTES
     dst = out.values if isinstance(want, QuantArray) else out
-    if dst.ndim != 2:
+    if dst.ndim != 2 or len(source.info(entry.hf_name)[1]) != 2:
         return None
     if isinstance(want, QuantArray):
-        return (dst, False) if fp8 and big and dst.dtype == src_dtype else None
+        return (dst, False) if fp8 and big and dst.dtype == src_dtype and entry.transpose else None
     if fp8:
-        return dst, True
+        return (dst, True) if entry.transpose else None
     return (dst, False) if big and dst.dtype == src_dtype else None
 
 
-def _transpose_in_chunks(entry: Entry, source: Source, out_BA: np.ndarray, scale: np.ndarray | None) -> int:
-    """out = HF tensor.T (dequantised with its block `scale` when given), reading TEMP_BYTES of its rows at a time
-    into a reused buffer (no whole-tensor temporary: at the 671B shapes the head alone is 1.85 GB; a dequantised
-    chunk is whole 128-row scale blocks); returns the bytes read."""
-    rows, cols = source.info(entry.hf_name)[1]
-    row_bytes = DTYPES[source.info(entry.hf_name)[0]].itemsize * cols
+def _convert_in_chunks(entry: Entry, source: Source, out: np.ndarray, scale: np.ndarray | None) -> int:
+    """out = the HF tensor (transposed when the entry is; dequantised with its block `scale` when given), in row
+    chunks of TEMP_BYTES (DEQUANT_BYTES when dequantising: whole 128-row scale blocks) on CHUNK_THREADS threads:
+    each reads its chunk into its own reused buffer (no whole-tensor temporary: at the 671B shapes the head alone
+    is 1.85 GB), checks it and puts it in place, so the disk reads one chunk while others are transposed. Returns
+    the bytes read."""
+    dtype, (rows, cols) = source.info(entry.hf_name)
+    row_bytes = DTYPES[dtype].itemsize * cols
     unit = BLOCK if scale is not None else _TILE
     # a dequantised chunk is a fresh XLA buffer: kept under glibc's mmap threshold it is reused, not faulted in
     budget = TEMP_BYTES if scale is None else DEQUANT_BYTES
     step = max(unit, budget // row_bytes // unit * unit)
-    for start in range(0, rows, step):
+
+    def chunk(start: int) -> None:
         raw = source.read_temp(entry.hf_name, start, min(rows, start + step))
         _refuse_nonfinite(entry, source, raw)
         if scale is not None:
-            raw = dequantize_fp8(raw, scale[start // BLOCK:-(-(start + raw.shape[0]) // BLOCK)], dtype=out_BA.dtype)
-        transpose_into(raw, out_BA[:, start:start + raw.shape[0]])
+            raw = dequantize_fp8(raw, scale[start // BLOCK:-(-(start + raw.shape[0]) // BLOCK)], dtype=out.dtype)
+        if entry.transpose:
+            transpose_into(raw, out[:, start:start + raw.shape[0]])
+        else:
+            out[start:start + raw.shape[0]] = raw
+
+    direct.run_all(direct.shared_pool("chunks", CHUNK_THREADS), chunk, [(s,) for s in range(0, rows, step)])
     return rows * row_bytes
 
 

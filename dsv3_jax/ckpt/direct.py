@@ -48,11 +48,14 @@ class Arena:
     def take(self, nbytes: int) -> np.ndarray:
         if nbytes > self.capacity:
             self.release()
-            # private (not shmem-backed, as a shared anonymous map is), in huge pages where the kernel allows:
-            # fewer faults and TLB misses for the strided transposes that fill it
+            # private (not shmem-backed, as a shared anonymous map is) and in 4 KB pages, not huge ones: on the
+            # development VM a fresh huge page came from memory the guest had handed back to the host (free page
+            # reporting works on 2 MB blocks) and first touching 2 GiB of them cost 3.3-5.9 s of kernel time, against
+            # 0.9-1.2 s in 4 KB pages (`perf`: 42% of a conversion's CPU was zeroing huge pages); the tiled
+            # transposes that fill an arena ran as fast in 4 KB pages (1.77 vs 1.81 GB/s for a bf16 [8192, 7168])
             self._map = mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                self._map.madvise(mmap.MADV_HUGEPAGE)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                self._map.madvise(mmap.MADV_NOHUGEPAGE)
         return np.frombuffer(self._map, np.uint8, nbytes)
 
     def release(self) -> None:
@@ -78,22 +81,39 @@ def _pieces(nbytes: int) -> list[tuple[int, int]]:
     return [(start, min(start + PIECE, nbytes)) for start in range(0, nbytes, PIECE)]
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 
-def _parallel(jobs, fn) -> None:
-    """Run fn(*job) for every job on the shared I/O threads (kept: their read buffers are reused)."""
-    global _pool
+def shared_pool(kind: str, threads: int = STREAMS) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's thread pool of a kind, made on first use and kept (their threads' buffers are reused):
+    "read" and "write" pieces of large transfers (separate, so the next block's reads do not queue behind the
+    previous block's writes), "chunks" of large tensors (`dsv3_jax.ckpt.blocks`)."""
+    with _pool_lock:
+        if kind not in _pools:
+            _pools[kind] = concurrent.futures.ThreadPoolExecutor(threads, f"dsv3-{kind}")
+        return _pools[kind]
+
+
+def run_all(pool: concurrent.futures.Executor, fn, jobs) -> None:
+    """fn(*job) for every job on `pool` (inline when there is one); the first failure is raised once every job
+    has stopped (the ones not started are cancelled)."""
     if len(jobs) <= 1:
         for job in jobs:
             fn(*job)
         return
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(STREAMS, "dsv3-io")
-    for future in [_pool.submit(fn, *job) for job in jobs]:
-        future.result()
+    futures = [pool.submit(fn, *job) for job in jobs]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
+
+
+def _parallel(jobs, fn, kind: str) -> None:
+    run_all(shared_pool(kind), fn, jobs)
 
 
 def _pread_all(fd: int, view: memoryview, offset: int) -> int:
@@ -142,7 +162,7 @@ def read_range(fd: int, offset: int, nbytes: int, direct: bool) -> np.ndarray:
         if lo + got < min(hi, need):
             raise _truncated(offset, nbytes, start + lo + got - offset)
 
-    _parallel(_pieces(span), piece)
+    _parallel(_pieces(span), piece, "read")
     return buf[offset - start:need]
 
 
@@ -163,7 +183,7 @@ def read_into(fd: int, offset: int, out: np.ndarray, direct: bool) -> None:
                 raise _truncated(offset, len(dst), lo)
             dst[lo:hi] = buf[offset + lo - start:need]
 
-    _parallel(_pieces(len(dst)), piece)
+    _parallel(_pieces(len(dst)), piece, "read")
 
 
 def done_reading() -> None:
@@ -192,7 +212,7 @@ def write_file(path: str, head: bytes, arena: Arena, nbytes: int) -> None:
             while done < hi:
                 done += os.pwrite(fd, view[done:hi], len(head) + done)
 
-        _parallel(_pieces(len(view)), piece)
+        _parallel(_pieces(len(view)), piece, "write")
         if direct:
             os.ftruncate(fd, len(head) + nbytes)
         os.fsync(fd)
