@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import jax
 import ml_dtypes
@@ -15,7 +16,7 @@ from convert_fixtures import write_fp8_checkpoint
 from safetensors import safe_open
 
 import dsv3_jax as d
-from dsv3_jax.ckpt import blockfile, blocks, convert, direct
+from dsv3_jax.ckpt import blockfile, blocks, convert, direct, readahead
 from dsv3_jax.errors import ConvertError
 
 
@@ -134,3 +135,77 @@ def test_tiled_transpose_equals_numpy(monkeypatch, dtype, shape):
         out = np.empty(shape[::-1], dtype)
         blocks.transpose_into(w, out)
         np.testing.assert_array_equal(out.view(np.uint8), np.ascontiguousarray(w.T).view(np.uint8))
+
+
+def _ahead_file(tmp_path, nbytes=1 << 20):
+    data = np.random.default_rng(0).integers(0, 256, nbytes, np.uint8)
+    path = tmp_path / "data.bin"
+    data.tofile(path)
+    return os.open(path, os.O_RDONLY), data
+
+
+@pytest.mark.parametrize("order", ["plan", "reversed", "shuffled"])
+def test_read_ahead_hands_out_the_right_bytes_in_any_order(tmp_path, monkeypatch, order):
+    """Items coalesced into small requests, three buffers reused: whatever order consumers take items in, each gets
+    its own bytes or (not read yet) None, never a wait on a request the buffers hold back; one item is never
+    taken and the rest still flow."""
+    monkeypatch.setattr(readahead, "REQUEST_BYTES", 3 * direct.ALIGN + 100)
+    monkeypatch.setattr(readahead, "BUFFERS", 3)
+    fd, data = _ahead_file(tmp_path)
+    spans = [(i * 5000 + 7, 3000 + i % 3 * 1000) for i in range(60)]
+    items = [readahead.Item(("t", i), fd, off, n) for i, (off, n) in enumerate(spans)]
+    ahead = readahead.ReadAhead([items[:30], items[30:]])
+    keys = list(range(1, 60))  # item 0 is never taken
+    keys = {"plan": keys, "reversed": keys[::-1],
+            "shuffled": list(np.random.default_rng(1).permutation(keys))}[order]
+    served = 0
+    for i in keys:
+        if order == "plan":
+            time.sleep(0.003)  # a consumer slower than the disk: the read-ahead keeps ahead of it
+        got = ahead.take(("t", int(i)))
+        if got is not None:
+            view, item = got
+            off, n = spans[int(i)]
+            np.testing.assert_array_equal(view, data[off:off + n])
+            ahead.release(item)
+            served += 1
+    assert ahead.take(("t", 5)) is None or order != "plan"  # taken once only
+    ahead.close()
+    os.close(fd)
+    if order == "plan":
+        assert served >= 20
+
+
+def test_read_ahead_of_a_truncated_file_is_an_error_naming_it(tmp_path):
+    fd, _ = _ahead_file(tmp_path, 10_000)
+    ahead = readahead.ReadAhead([[readahead.Item(("t", 0), fd, 8_000, 4_000)]])
+    try:
+        deadline = time.time() + 10
+        while ahead._queue[0].state in ("planned", "reading") and time.time() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(EOFError, match="file ended"):
+            ahead.take(("t", 0))
+    finally:
+        ahead.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
+def test_conversion_with_and_without_read_ahead_writes_the_same_bytes(fx, tmp_path, monkeypatch, weights):
+    """The read-ahead (small requests, few buffers: most reads served by it, some given up) changes no byte;
+    a spy counts the reads it served."""
+    from dsv3_jax.ckpt import sources
+
+    monkeypatch.setattr(sources.SafetensorsSource, "read_ahead", sources.Source.read_ahead)
+    convert(fx.directory, tmp_path / "plain", weights, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(readahead, "REQUEST_BYTES", 64 << 10)
+    monkeypatch.setattr(readahead, "BUFFERS", 3)
+    monkeypatch.setattr(blocks, "TEMP_BYTES", 1000)
+    served = []
+    original = sources.SafetensorsSource._take
+    monkeypatch.setattr(sources.SafetensorsSource, "_take",
+                        lambda self, *a: (lambda got: served.append(got is not None) or got)(original(self, *a)))
+    convert(fx.directory, tmp_path / "ahead", weights, progress=False)
+    assert sum(served) > len(served) // 2
+    assert _block_bytes(tmp_path / "plain") == _block_bytes(tmp_path / "ahead")

@@ -355,9 +355,9 @@ def convert_entry(entry: Entry, source: Source, want, config: ModelConfig, inter
         raw = source.read_rows(entry.hf_name, rows.start, rows.stop)
         _refuse_nonfinite(entry, source, raw)
         return relayout(raw, t, want.dtype), raw.nbytes
-    chunked = _chunked_target(entry, source, want, out, rope)
-    if chunked is not None:
-        dst, dequantise = chunked
+    dequantise = None if out is None else _in_chunks(entry, source, want, rope)
+    if dequantise is not None:
+        dst = out.values if isinstance(want, QuantArray) else out
         scale = _read_scale(entry, source) if dequantise or isinstance(want, QuantArray) else None
         nbytes = _convert_in_chunks(entry, source, dst, scale if dequantise else None)
         nbytes += 0 if scale is None else scale.nbytes
@@ -397,51 +397,77 @@ DEQUANT_BYTES = 8 << 20  # the same for an FP8 tensor dequantised on the way
 CHUNK_THREADS = 4  # row chunks of one large tensor converted at once (one thread waits on the disk, two compute)
 
 
-def _chunked_target(entry: Entry, source: Source, want, out, rope: bool) -> tuple[np.ndarray, bool] | None:
-    """(the block buffer, whether to dequantise) for a 2-D weight that goes into the block buffer in row chunks:
-    an FP8 weight dequantised to a plain dtype (any size: XLA's dequantisation without its slow transpose, then
-    the tiled numpy one, ran 1.5-3.5x faster), or a large weight kept in its dtype (an FP8 weight kept FP8, the
-    bf16 head and embedding kept bf16); None for every other conversion."""
-    if out is None or rope:
-        return None
-    src_dtype = DTYPES.get(source.info(entry.hf_name)[0])
+def _in_chunks(entry: Entry, source: Source, want, rope: bool) -> bool | None:
+    """For a 2-D weight that goes into its block buffer in row chunks: whether it is dequantised on the way (an
+    FP8 weight dequantised to a plain dtype, any size: XLA's dequantisation without its slow transpose, then the
+    tiled numpy one, ran 1.5-3.5x faster) or not (a large weight kept in its dtype: an FP8 weight kept FP8, the
+    bf16 head and embedding kept bf16); None for every other conversion. `want`: the slot's abstract value."""
+    dtype, shape = source.info(entry.hf_name)
+    src_dtype = DTYPES.get(dtype)
     fp8 = src_dtype == np.dtype(jnp.float8_e4m3fn)
     big = source.nbytes(entry.hf_name) > TEMP_BYTES
-    dst = out.values if isinstance(want, QuantArray) else out
-    if dst.ndim != 2 or len(source.info(entry.hf_name)[1]) != 2:
+    dst = want.values if isinstance(want, QuantArray) else want
+    if rope or len(dst.shape) != 2 or len(shape) != 2:
         return None
     if isinstance(want, QuantArray):
-        return (dst, False) if fp8 and big and dst.dtype == src_dtype and entry.transpose else None
+        return False if fp8 and big and np.dtype(dst.dtype) == src_dtype and entry.transpose else None
     if fp8:
-        return (dst, True) if entry.transpose else None
-    return (dst, False) if big and dst.dtype == src_dtype else None
+        return True if entry.transpose else None
+    return False if big and np.dtype(dst.dtype) == src_dtype else None
+
+
+def _chunk_rows(entry: Entry, source: Source, dequantise: bool) -> list[tuple[int, int]]:
+    """The row ranges a chunked weight is read in: TEMP_BYTES of rows (DEQUANT_BYTES when dequantising, whole
+    128-row scale blocks; a dequantised chunk is a fresh XLA buffer: kept under glibc's mmap threshold it is
+    reused, not faulted in)."""
+    rows = source.info(entry.hf_name)[1][0]
+    row_bytes = source.nbytes(entry.hf_name) // max(rows, 1)
+    unit = BLOCK if dequantise else _TILE
+    step = max(unit, (DEQUANT_BYTES if dequantise else TEMP_BYTES) // row_bytes // unit * unit)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def read_plan(block: Block, source: Source, target: Tree, interleaved: bool) -> list[tuple[str, int, int]]:
+    """(HF name, first row, end row) of every read `convert_block` makes for the block, in the order it makes
+    them (the source reads them ahead: `Source.read_ahead`). Must follow `convert_entry`; a read missing here
+    is still made, only not ahead."""
+    plan = []
+    for entry in block.entries:
+        collection, path, index = block.local(entry)
+        want = _at(leaf_at(target[collection], path), index)
+        rope = entry.rope is not None and not interleaved
+        name, scale = entry.hf_name, entry.hf_name + SCALE_SUFFIX
+        whole = [(name, 0, source.info(name)[1][0] if source.info(name)[1] else 1)]
+        scales = [(scale, 0, source.info(scale)[1][0])] if scale in source else []
+        dequantise = _in_chunks(entry, source, want, rope)
+        if dequantise is None:
+            plan += whole + scales
+        else:
+            needs_scale = dequantise or isinstance(want, QuantArray)
+            plan += (scales if needs_scale else []) + [(name, a, b) for a, b in _chunk_rows(entry, source, dequantise)]
+    return plan
 
 
 def _convert_in_chunks(entry: Entry, source: Source, out: np.ndarray, scale: np.ndarray | None) -> int:
-    """out = the HF tensor (transposed when the entry is; dequantised with its block `scale` when given), in row
-    chunks of TEMP_BYTES (DEQUANT_BYTES when dequantising: whole 128-row scale blocks) on CHUNK_THREADS threads:
-    each reads its chunk into its own reused buffer (no whole-tensor temporary: at the 671B shapes the head alone
-    is 1.85 GB), checks it and puts it in place, so the disk reads one chunk while others are transposed. Returns
-    the bytes read."""
-    dtype, (rows, cols) = source.info(entry.hf_name)
-    row_bytes = DTYPES[dtype].itemsize * cols
-    unit = BLOCK if scale is not None else _TILE
-    # a dequantised chunk is a fresh XLA buffer: kept under glibc's mmap threshold it is reused, not faulted in
-    budget = TEMP_BYTES if scale is None else DEQUANT_BYTES
-    step = max(unit, budget // row_bytes // unit * unit)
+    """out = the HF tensor (transposed when the entry is; dequantised with its block `scale` when given), in the
+    row chunks of `_chunk_rows` on CHUNK_THREADS threads: each reads its chunk into its own reused buffer (no
+    whole-tensor temporary: at the 671B shapes the head alone is 1.85 GB), checks it and puts it in place, so
+    the disk reads one chunk while others are transposed. Returns the bytes read."""
 
-    def chunk(start: int) -> None:
-        raw = source.read_temp(entry.hf_name, start, min(rows, start + step))
+    def chunk(start: int, stop: int) -> None:
+        raw = source.read_temp(entry.hf_name, start, stop)
         _refuse_nonfinite(entry, source, raw)
         if scale is not None:
-            raw = dequantize_fp8(raw, scale[start // BLOCK:-(-(start + raw.shape[0]) // BLOCK)], dtype=out.dtype)
+            raw = dequantize_fp8(raw, scale[start // BLOCK:-(-stop // BLOCK)], dtype=out.dtype)
         if entry.transpose:
-            transpose_into(raw, out[:, start:start + raw.shape[0]])
+            transpose_into(raw, out[:, start:stop])
         else:
-            out[start:start + raw.shape[0]] = raw
+            out[start:stop] = raw
+        source.done_reading()
 
-    direct.run_all(direct.shared_pool("chunks", CHUNK_THREADS), chunk, [(s,) for s in range(0, rows, step)])
-    return rows * row_bytes
+    direct.run_all(direct.shared_pool("chunks", CHUNK_THREADS), chunk,
+                   _chunk_rows(entry, source, scale is not None))
+    return source.nbytes(entry.hf_name)
 
 
 def _allocate(target: Tree, arena: direct.Arena | None) -> Tree:
@@ -494,7 +520,7 @@ def convert_block(block: Block, source: Source, target: Tree, config: ModelConfi
         value, nbytes = convert_entry(entry, source, _at(leaf_at(target[collection], path), index), config,
                                       interleaved, out=_view(slot, index))
         _store(slot, index, value)
-        direct.done_reading()
+        source.done_reading()
         return nbytes
 
     if pool is None:

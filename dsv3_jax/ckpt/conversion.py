@@ -3,11 +3,11 @@
 1. open the source (HF directory, official mp shards, PyTorch state dict) and its config;
 2. plan the blocks and check every name, dtype, shape and FP8 scale from the headers alone (nothing written yet);
 3. for each block: read its tensors, convert them (`blocks.convert_block`), save it, drop it. Three things overlap:
-   `threads` workers read and convert the block's tensors in parallel (positional reads, numpy copies and XLA
-   calls release the GIL), the kernel reads the next block ahead (`Source.prefetch`), and one writer thread saves
-   the previous block meanwhile — peak memory is about two blocks (the one being written and the one being
-   converted, each in its own reused `direct.Arena`) plus the readers' buffers; blocks are written with O_DIRECT
-   (`blockfile.write_block`);
+   the source reads the whole conversion's read plan (`blocks.read_plan`) ahead in large requests, up to 1 GB
+   ahead (`dsv3_jax.ckpt.readahead`); `threads` workers convert the block's tensors in parallel (positional reads,
+   numpy copies and XLA calls release the GIL); and one writer thread saves the previous block meanwhile — peak
+   memory is about two blocks (the one being written and the one being converted, each in its own reused
+   `direct.Arena`) plus the read-ahead; blocks are written with O_DIRECT (`blockfile.write_block`);
 4. write config.json and manifest.json and rename the temporary directory onto `out`.
 """
 
@@ -28,7 +28,15 @@ import numpy as np
 from tqdm import tqdm
 
 from dsv3_jax.ckpt import direct
-from dsv3_jax.ckpt.blocks import SCALE_SUFFIX, WEIGHTS, abstract_tree, check_source, convert_block, plan_blocks
+from dsv3_jax.ckpt.blocks import (
+    SCALE_SUFFIX,
+    WEIGHTS,
+    abstract_tree,
+    check_source,
+    convert_block,
+    plan_blocks,
+    read_plan,
+)
 from dsv3_jax.ckpt.detect import open_source
 from dsv3_jax.ckpt.sources import Source
 from dsv3_jax.ckpt.store import (
@@ -122,9 +130,8 @@ def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer,
     try:
         for parity, arena in enumerate(arenas):  # sized once for its blocks: a growing arena faults pages again
             arena.take(max([_target_bytes(b.target(abstract)) for b in blocks[parity::2]], default=1))
+        source.read_ahead([read_plan(b, source, b.target(abstract), interleaved) for b in blocks])
         for i, block in enumerate(blocks):
-            if i + 1 < len(blocks):
-                source.prefetch(_block_tensors(blocks[i + 1], source))
             arena = arenas[i % 2]
             tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved, pool,
                                         arena)

@@ -116,7 +116,7 @@ def _parallel(jobs, fn, kind: str) -> None:
     run_all(shared_pool(kind), fn, jobs)
 
 
-def _pread_all(fd: int, view: memoryview, offset: int) -> int:
+def pread_all(fd: int, view: memoryview, offset: int) -> int:
     """Read into all of `view` from `offset`; returns the bytes read (fewer only at the end of the file)."""
     done = 0
     while done < len(view):
@@ -158,7 +158,7 @@ def read_range(fd: int, offset: int, nbytes: int, direct: bool) -> np.ndarray:
     view, need = memoryview(buf), offset - start + nbytes
 
     def piece(lo: int, hi: int) -> None:
-        got = _pread_all(fd, view[lo:hi], start + lo)
+        got = pread_all(fd, view[lo:hi], start + lo)
         if lo + got < min(hi, need):
             raise _truncated(offset, nbytes, start + lo + got - offset)
 
@@ -172,14 +172,14 @@ def read_into(fd: int, offset: int, out: np.ndarray, direct: bool) -> None:
     dst = out.reshape(-1).view(np.uint8)
     if not direct:
         def piece(lo: int, hi: int) -> None:
-            if _pread_all(fd, memoryview(dst[lo:hi]), offset + lo) < hi - lo:
+            if pread_all(fd, memoryview(dst[lo:hi]), offset + lo) < hi - lo:
                 raise _truncated(offset, len(dst), lo)
     else:
         def piece(lo: int, hi: int) -> None:
             start, span = _span(offset + lo, hi - lo, True)
             buf = thread_arena("piece").take(span)
             need = offset + hi - start
-            if _pread_all(fd, memoryview(buf), start) < need:
+            if pread_all(fd, memoryview(buf), start) < need:
                 raise _truncated(offset, len(dst), lo)
             dst[lo:hi] = buf[offset + lo - start:need]
 

@@ -6,8 +6,8 @@ layout ([out, in] for linear weights) and their safetensors dtype strings ("F8_E
 - `SafetensorsSource`: a HF directory (index + shards, one `model.safetensors`, or loose shards). Headers are read
   and validated up front; tensors are read with positional reads (`os.preadv`, thread-safe, the GIL released) into
   fresh arrays (no mmap), so the process holds only what the converter keeps and its resident memory does not grow
-  with the checkpoint; several threads may read at once, and `prefetch` asks the kernel to read ahead. The
-  converter sets `direct_io`: reads then bypass the page cache (`dsv3_jax.ckpt.direct`).
+  with the checkpoint; several threads may read at once, and `read_ahead` reads a plan of reads ahead in large
+  requests. The converter sets `direct_io`: reads then bypass the page cache (`dsv3_jax.ckpt.direct`).
 - `TorchSource`: PyTorch `.pt` / `.bin` state dicts (torch imported only here, `weights_only=True`, mmapped).
   transformers' fused in-memory expert tensors (`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj`
   [E, D, I]) are presented as the per-expert names of the released layout.
@@ -29,7 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from dsv3_jax.ckpt import direct
+from dsv3_jax.ckpt import direct, readahead
 from dsv3_jax.ckpt.safetensors import DTYPES, INDEX_NAME, checkpoint_files, read_header
 from dsv3_jax.errors import ConvertError, SafetensorsError
 
@@ -98,8 +98,14 @@ class Source:
         value = self.read(name)
         return value if start == 0 and stop is None else value[start:stop]
 
-    def prefetch(self, names) -> None:
-        """Hint that `names` will be read soon (the kernel may start reading them); no-op by default."""
+    def read_ahead(self, plan: list[list[tuple[str, int, int]]]) -> None:
+        """The reads to come as (name, first row, end row), in windows (a block's reads) in the order they come:
+        the source may read them ahead (`dsv3_jax.ckpt.readahead`); no-op by default. Reads not in the plan work
+        as before."""
+
+    def done_reading(self) -> None:
+        """This thread is done with what its `read_temp` calls returned."""
+        direct.done_reading()
 
     def _read(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -130,6 +136,8 @@ class SafetensorsSource(Source):
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
+        self._ahead: readahead.ReadAhead | None = None
+        self._held = threading.local()  # read-ahead items this thread's `read_temp` results still point into
         for path in sorted(set(files.values())):
             header, data_start = header_of(path)
             for name, entry in header.items():
@@ -160,20 +168,54 @@ class SafetensorsSource(Source):
                 self._fds[path] = os.open(path, os.O_RDONLY)
             return self._fds[path]
 
-    def prefetch(self, names) -> None:
-        """posix_fadvise(WILLNEED) on each tensor's byte range: the kernel reads ahead while we convert (not with
-        O_DIRECT reads, which bypass the page cache it would fill)."""
-        if not hasattr(os, "posix_fadvise") or self.direct_io:
-            return
-        for name in names:
-            if name in self._info:
-                os.posix_fadvise(self._fd(self._files[name]), self._offsets[name], self.nbytes(name),
-                                 os.POSIX_FADV_WILLNEED)
+    def read_ahead(self, plan: list[list[tuple[str, int, int]]]) -> None:
+        """Read the plan ahead on `readahead.STREAMS` threads (with O_DIRECT when `direct_io` is set)."""
+        self._stop_reading_ahead()
+        self._ahead = readahead.ReadAhead([[self._item(*read) for read in window] for window in plan])
+
+    def _item(self, name: str, start: int, stop: int) -> readahead.Item:
+        row = self._row_bytes(name)
+        return readahead.Item((name, start, stop), self._fd_for(name)[0], self._offsets[name] + start * row,
+                              (stop - start) * row)
+
+    def _row_bytes(self, name: str) -> int:
+        dtype, shape = self._info[name]
+        return DTYPES[dtype].itemsize * math.prod(shape[1:])
+
+    def _take(self, name: str, start: int, stop: int) -> tuple[np.ndarray, readahead.Item] | None:
+        """The read-ahead's bytes of rows [start, stop) of `name`, if it has them (see `ReadAhead.take`)."""
+        if self._ahead is None:
+            return None
+        try:
+            return self._ahead.take((name, start, stop))
+        except (OSError, EOFError) as e:
+            raise ConvertError(f"{self._files[name]}: tensor {name}: {e}") from None
+
+    def done_reading(self) -> None:
+        for item in getattr(self._held, "items", ()):
+            self._ahead.release(item)
+        self._held.items = []
+        direct.done_reading()
+
+    def _stop_reading_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def _read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """Read in parallel pieces (`direct.read_into`: the disk serves several requests at once faster than
-        one), through O_DIRECT when `direct_io` is set."""
+        one), through O_DIRECT when `direct_io` is set; from the read-ahead when it has the tensor."""
         dtype, shape = self._info[name]
+        got = self._take(name, 0, _rows(shape))
+        if got is not None:
+            view, item = got
+            value = view.view(DTYPES[dtype]).reshape(shape)
+            if out is None:
+                out = value.copy()
+            else:
+                out[...] = value
+            self._ahead.release(item)
+            return out
         out = np.empty(shape, DTYPES[dtype]) if out is None else out
         fd, is_direct = self._fd_for(name)
         try:
@@ -184,14 +226,20 @@ class SafetensorsSource(Source):
 
     def read_temp(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         dtype, shape = self._info[name]
-        stop = shape[0] if stop is None and shape else stop
-        row = DTYPES[dtype].itemsize * math.prod(shape[1:])
-        rows = (stop - start) if shape else 1
-        fd, is_direct = self._fd_for(name)
-        try:
-            raw = direct.read_range(fd, self._offsets[name] + start * row, rows * row, is_direct)
-        except EOFError as e:
-            raise ConvertError(f"{self._files[name]}: tensor {name}: {e}") from None
+        stop = _rows(shape) if stop is None else stop
+        row = self._row_bytes(name)
+        if self._ahead is not None:
+            self.done_reading()  # this thread's previous result is consumed
+        got = self._take(name, start, stop)
+        if got is not None:
+            raw, item = got
+            self._held.items = [item]
+        else:
+            fd, is_direct = self._fd_for(name)
+            try:
+                raw = direct.read_range(fd, self._offsets[name] + start * row, (stop - start) * row, is_direct)
+            except EOFError as e:
+                raise ConvertError(f"{self._files[name]}: tensor {name}: {e}") from None
         return raw.view(DTYPES[dtype]).reshape(((stop - start), *shape[1:]) if shape else ())
 
     def _fd_for(self, name: str) -> tuple[int, bool]:
@@ -214,11 +262,17 @@ class SafetensorsSource(Source):
             done += got
 
     def close(self) -> None:
+        self._stop_reading_ahead()
         with self._lock:
             for fd in [*self._fds.values(), *(fd for fd, _ in self._direct_fds.values())]:
                 os.close(fd)
             self._fds.clear()
             self._direct_fds.clear()
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor as plans and row reads count them (a scalar is one row)."""
+    return shape[0] if shape else 1
 
 
 def header_of(path: str) -> tuple[dict[str, Any], int]:
