@@ -39,7 +39,7 @@ def test_direct_chunked_and_buffered_conversions_write_the_same_bytes(fx, tmp_pa
     monkeypatch.setattr(direct, "DIRECT_IO", hasattr(os, "O_DIRECT"))
     monkeypatch.setattr(direct, "PIECE", 3 * direct.ALIGN)
     monkeypatch.setattr(blocks, "TEMP_BYTES", 1000)
-    monkeypatch.setattr(blocks, "_TILE", 8)
+    monkeypatch.setattr(blocks, "_TILE_BYTES", 8)
     chunked = []
     original = blocks._convert_in_chunks
     monkeypatch.setattr(blocks, "_convert_in_chunks", lambda *a: chunked.append(a[0]) or original(*a))
@@ -126,7 +126,7 @@ def test_a_filesystem_without_o_direct_falls_back_to_buffered_io(tmp_path, monke
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.bfloat16, np.float32])
-@pytest.mark.parametrize("shape", [(200, 2048), (130, 77), (1, 5), (64, 64)])
+@pytest.mark.parametrize("shape", [(200, 2048), (130, 77), (1, 5), (64, 64), (600, 300)])
 def test_tiled_transpose_equals_numpy(monkeypatch, dtype, shape):
     """The padded-tile transpose (single thread, and split over threads) is exactly w.T, ragged tiles included."""
     w = np.random.default_rng(1).standard_normal(shape).astype(dtype)
