@@ -235,12 +235,12 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def transpose_into(w_AB: np.ndarray, out_BA: np.ndarray) -> np.ndarray:
-    """out = w.T for a 2-D array, in tiles of `_TILE_BYTES` // itemsize source rows, on raw bits (any 1/2/4/8-byte dtype; numpy
-    copies without the GIL, so threads transposing different tensors run in parallel). Each tile is first copied
-    into a buffer whose rows are `_PAD` elements longer: the source's row stride is often a power of two (2048
-    bytes for an FP8 down projection), and walking a column at that stride maps every row to the same few cache
-    sets — the padded copy ran 2–4× faster (0.47 → 1.0–1.8 GB/s for [7168, 2048] FP8, 0.9 → 2.1 GB/s for the
-    bf16 head, `tests/test_convert_io.py` checks it against numpy)."""
+    """out = w.T for a 2-D array, in tiles of `_TILE_BYTES` // itemsize source rows, on raw bits (any 1/2/4/8-byte
+    dtype; numpy copies without the GIL, so threads transposing different tensors run in parallel). Each tile is first
+    copied into a buffer whose rows are `_PAD` elements longer: the source's row stride is often a power of two (2048
+    bytes for an FP8 down projection), and walking a column at that stride maps every row to the same few cache sets —
+    the padded copy ran 2–4× faster (0.47 → 1.0–1.8 GB/s for [7168, 2048] FP8, 0.9 → 2.1 GB/s for the bf16 head,
+    `tests/test_convert_io.py` checks it against numpy)."""
     src, dst = w_AB.view(_UINT[w_AB.itemsize]), out_BA.view(_UINT[out_BA.itemsize])
     cols, tile_rows = src.shape[1], max(1, _TILE_BYTES // src.itemsize)
 
