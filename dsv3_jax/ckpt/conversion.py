@@ -128,9 +128,9 @@ def _convert_blocks(blocks, source, abstract, model_config, interleaved, writer,
     pending: concurrent.futures.Future | None = None
     arenas = (direct.Arena(), direct.Arena())  # block i is built in arenas[i % 2] while block i - 1 is written
     try:
-        source.read_ahead([read_plan(b, source, b.target(abstract), interleaved) for b in blocks])
         for parity, arena in enumerate(arenas):  # sized once for its blocks: a growing arena faults pages again
-            arena.take(max([_target_bytes(b.target(abstract)) for b in blocks[parity::2]], default=1), populate=True)
+            arena.take(max([_target_bytes(b.target(abstract)) for b in blocks[parity::2]], default=1))
+        source.read_ahead([read_plan(b, source, b.target(abstract), interleaved) for b in blocks])
         for i, block in enumerate(blocks):
             arena = arenas[i % 2]
             tree, nread = convert_block(block, source, block.target(abstract), model_config, interleaved, pool,

@@ -45,9 +45,7 @@ class Arena:
     def capacity(self) -> int:
         return 0 if self._map is None else len(self._map)
 
-    def take(self, nbytes: int, populate: bool = False) -> np.ndarray:
-        """`populate`: fault a new mapping's pages in at once (MAP_POPULATE: 0.34 s per GiB on the development VM
-        against 0.43-0.54 s touched page by page), for an arena that will be filled whole."""
+    def take(self, nbytes: int) -> np.ndarray:
         if nbytes > self.capacity:
             self.release()
             # private (not shmem-backed, as a shared anonymous map is) and in 4 KB pages, not huge ones: on the
@@ -55,8 +53,9 @@ class Arena:
             # reporting works on 2 MB blocks) and first touching 2 GiB of them cost 3.3-5.9 s of kernel time, against
             # 0.9-1.2 s in 4 KB pages (`perf`: 42% of a conversion's CPU was zeroing huge pages); the tiled
             # transposes that fill an arena ran as fast in 4 KB pages (1.77 vs 1.81 GB/s for a bf16 [8192, 7168])
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            self._map = mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=flags)
+            # not MAP_POPULATE (0.34 s per GiB against 0.43-0.54 touched page by page): it holds the process's
+            # mmap lock while it faults, and the read-ahead's O_DIRECT reads stopped for that second
+            self._map = mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_NOHUGEPAGE"):
                 self._map.madvise(mmap.MADV_NOHUGEPAGE)
         return np.frombuffer(self._map, np.uint8, nbytes)
