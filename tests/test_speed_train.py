@@ -106,3 +106,24 @@ def test_rms_norm_backward_equals_autodiff():
 
     got = _value_and_grads(lambda x, s: layers.rms_norm(x, s, 1e-6), (x, scale), cot)
     _assert_close(got, _value_and_grads(reference, (x, scale), cot), atol=1e-5)
+
+
+def test_cpu_compiler_options_are_cpu_only_and_overridable(monkeypatch):
+    """The package's XLA:CPU options (LLVM O1: a faster cold compile) apply to CPU programs only; XLA_FLAGS and
+    DSV3_XLA_CPU_OPTIONS=0 override them, and a program compiled with them computes the same values to float32
+    rounding (O3 vectorises the row sums, so their order differs: 1 ulp)."""
+    from dsv3_jax import host
+
+    monkeypatch.delenv("DSV3_XLA_CPU_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert host.compiler_options("cpu") == host.CPU_COMPILER_OPTIONS
+    assert host.compiler_options("tpu") is None and host.compiler_options("gpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert host.compiler_options("cpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("DSV3_XLA_CPU_OPTIONS", "0")
+    assert host.compiler_options("cpu") is None
+    x = _rand(np.random.RandomState(5), 64, 48)
+    fn = lambda a: jnp.sum(jax.nn.silu(a) * jnp.tanh(a), axis=-1)  # noqa: E731
+    with_options = jax.jit(fn, compiler_options=host.CPU_COMPILER_OPTIONS)(x)
+    np.testing.assert_allclose(with_options, jax.jit(fn)(x), rtol=1e-6, atol=0)

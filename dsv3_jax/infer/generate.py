@@ -17,9 +17,11 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import InputError
+from dsv3_jax.host import compiler_options
 from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
+from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
 
 CACHE_BUCKET = 64  # cache slots are rounded up to a multiple of this: decode cost follows the live length
@@ -168,7 +170,7 @@ def _compiled(config: ModelConfig, cache_len: int, max_new: int, mode: SamplingM
             return _speculative_loop(model, params, cache, first_B, draft_B, lengths_B, max_new, stops_arr)
         return _plain_loop(model, params, cache, first_B, lengths_B, rng, max_new, mode, knobs, stops_arr)
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=compiler_options(target_platform()))
 
 
 def _pad_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[np.ndarray, np.ndarray]:

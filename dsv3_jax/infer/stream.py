@@ -15,6 +15,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import InputError
+from dsv3_jax.host import compiler_options
 from dsv3_jax.infer.generate import (
     CACHE_BUCKET,
     DEFAULT_PREFILL_CHUNK,
@@ -26,6 +27,7 @@ from dsv3_jax.infer.generate import (
 from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
+from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
 
 
@@ -44,7 +46,8 @@ def _programs(config: ModelConfig, cache_len: int, mode: SamplingMode, chunk: in
                                          mutable=[CACHE_COLLECTION])
         return sample_with(logits[:, 0], rng, mode, *knobs), state[CACHE_COLLECTION]
 
-    return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
+    options = compiler_options(target_platform())
+    return jax.jit(prefill, compiler_options=options), jax.jit(step, donate_argnums=(1,), compiler_options=options)
 
 
 def stream(config: ModelConfig, variables: dict, prompt_ids: Sequence[int], max_new_tokens: int,

@@ -16,7 +16,9 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import InputError
+from dsv3_jax.host import compiler_options
 from dsv3_jax.model.axes import STACKS, VARIABLE_COLLECTIONS
+from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
 
 Variables = dict[str, Any]
@@ -85,13 +87,15 @@ def check_tokens(config: ModelConfig, tokens_BT: Any) -> jax.Array:
 @functools.cache
 def _jitted_forward(config: ModelConfig):
     model = Transformer(config)
-    return jax.jit(lambda variables, tokens: model.apply(variables, tokens)[0])
+    return jax.jit(lambda variables, tokens: model.apply(variables, tokens)[0],
+                   compiler_options=compiler_options(target_platform()))
 
 
 @functools.cache
 def _jitted_forward_with_mtp(config: ModelConfig):
     model = Transformer(config)
-    return jax.jit(lambda variables, tokens: model.apply(variables, tokens, method=Transformer.forward_with_mtp))
+    return jax.jit(lambda variables, tokens: model.apply(variables, tokens, method=Transformer.forward_with_mtp),
+                   compiler_options=compiler_options(target_platform()))
 
 
 def forward(config: ModelConfig, variables: Variables, tokens_BT: Any) -> jax.Array:
