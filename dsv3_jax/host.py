@@ -9,13 +9,14 @@ reused and the faults go to zero. It must run before XLA starts its threads (eac
 first malloc): import dsv3_jax before running anything in JAX. The process's resident memory then stays at its
 peak (freed memory is reused, not returned). Linux with glibc only; a no-op elsewhere.
 
-`compiler_options(platform)` — the XLA options the package's own programs (train step, generate, forward) compile
-with, unless `DSV3_XLA_CPU_OPTIONS=0`: on the CPU, LLVM at O1 instead of O3 (`CPU_COMPILER_OPTIONS`). XLA:CPU emits
-every distinct fused kernel as its own LLVM module and optimises each one separately: the tiny_stdlib train step is
-531 modules (plus 260 reused), and that per-module work, not the HLO passes (0.65 s), is what its cold compile
-spends. At O1 that cold compile took 11.4 s instead of 15.0 (`small`: 8.6 instead of 10.5); matmuls are library
-calls that O1 does not touch, and the loop fusions it optimises less ran no slower (same step times and losses).
-An option also named in $XLA_FLAGS is left to it.
+`compiler_options(platform)` — the XLA options the package's short-lived programs (generate, stream, forward)
+compile with, unless `DSV3_XLA_CPU_OPTIONS=0`: on the CPU, LLVM at O1 instead of O3 (`CPU_COMPILER_OPTIONS`).
+XLA:CPU emits every distinct fused kernel as its own LLVM module and optimises each one separately: the
+tiny_stdlib train step is 531 modules (plus 260 reused), and that per-module work, not the HLO passes (0.65 s), is
+what a cold compile spends; O1 took `small`'s first `generate` call from 7.7 / 8.6 to 5.9 / 6.8 s. The train step
+keeps O3: at O1 its cold compile was 15-20% shorter (small 11.1 / 11.3 -> 9.3 / 9.6 s) but `small`'s step ran
+5% slower (min 648 / 641 -> 684 / 681 ms, `experiments/bench_train.py` interleaved), which a run of hundreds of
+steps pays many times over. An option also named in $XLA_FLAGS is left to it.
 """
 
 from __future__ import annotations

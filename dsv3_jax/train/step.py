@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.host import compiler_options
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.moe import STATS_COLLECTION
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.balancing import BiasHook, balance_terms, expert_loads, per_layer_loads, sign_update, update_router
@@ -201,17 +199,9 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
     return train_step
 
 
-def _platform(shardings) -> str:
-    """The platform of the devices a tree of shardings places on (else the traced program's target)."""
-    leaves = jax.tree_util.tree_leaves(shardings)
-    return next(iter(leaves[0].device_set)).platform if leaves else target_platform()
-
-
 def jit_train_step(step_fn, state_shardings=None, batch_shardings=None):
-    """jit with the state donated; shardings (trees of NamedSharding) when running on a mesh. On the CPU with the
-    package's compiler options (`host.compiler_options`: the tiny_stdlib step's cold compile 15.0 → 11.4 s)."""
-    options = compiler_options(_platform(state_shardings))
+    """jit with the state donated; shardings (trees of NamedSharding) when running on a mesh."""
     if state_shardings is None:
-        return jax.jit(step_fn, donate_argnums=0, compiler_options=options)
+        return jax.jit(step_fn, donate_argnums=0)
     return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), compiler_options=options)
+                   out_shardings=(state_shardings, None))
