@@ -25,7 +25,7 @@ import numpy as np
 from dsv3_jax.ckpt import direct
 from dsv3_jax.ckpt.names import Entry, expected_entries
 from dsv3_jax.ckpt.safetensors import DTYPES
-from dsv3_jax.ckpt.sources import Source
+from dsv3_jax.ckpt.sources import Source, rows_of
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ConvertError
 from dsv3_jax.model.api import abstract_variables
@@ -439,7 +439,7 @@ def read_plan(block: Block, source: Source, target: Tree, interleaved: bool) -> 
         want = _at(leaf_at(target[collection], path), index)
         rope = entry.rope is not None and not interleaved
         name, scale = entry.hf_name, entry.hf_name + SCALE_SUFFIX
-        whole = [(name, 0, source.info(name)[1][0] if source.info(name)[1] else 1)]
+        whole = [(name, 0, rows_of(source.info(name)[1]))]
         scales = [(scale, 0, source.info(scale)[1][0])] if scale in source else []
         dequantise = _in_chunks(entry, source, want, rope)
         if dequantise is None:

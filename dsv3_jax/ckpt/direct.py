@@ -52,8 +52,8 @@ class Arena:
             # development VM a fresh huge page came from memory the guest had handed back to the host (free page
             # reporting works on 2 MB blocks) and first touching 2 GiB of them cost 3.3-5.9 s of kernel time, against
             # 0.9-1.2 s in 4 KB pages (`perf`: 42% of a conversion's CPU was zeroing huge pages); the tiled
-            # transposes that fill an arena ran as fast in 4 KB pages (1.77 vs 1.81 GB/s for a bf16 [8192, 7168])
-            # not MAP_POPULATE (0.34 s per GiB against 0.43-0.54 touched page by page): it holds the process's
+            # transposes that fill an arena ran as fast in 4 KB pages (1.77 vs 1.81 GB/s for a bf16 [8192, 7168]).
+            # Not MAP_POPULATE (0.34 s per GiB against 0.43-0.54 touched page by page): it holds the process's
             # mmap lock while it faults, and the read-ahead's O_DIRECT reads stopped for that second
             self._map = mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_NOHUGEPAGE"):

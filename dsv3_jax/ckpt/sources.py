@@ -206,7 +206,7 @@ class SafetensorsSource(Source):
         """Read in parallel pieces (`direct.read_into`: the disk serves several requests at once faster than
         one), through O_DIRECT when `direct_io` is set; from the read-ahead when it has the tensor."""
         dtype, shape = self._info[name]
-        got = self._take(name, 0, _rows(shape))
+        got = self._take(name, 0, rows_of(shape))
         if got is not None:
             view, item = got
             value = view.view(DTYPES[dtype]).reshape(shape)
@@ -226,7 +226,7 @@ class SafetensorsSource(Source):
 
     def read_temp(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         dtype, shape = self._info[name]
-        stop = _rows(shape) if stop is None else stop
+        stop = rows_of(shape) if stop is None else stop
         row = self._row_bytes(name)
         if self._ahead is not None:
             self.done_reading()  # this thread's previous result is consumed
@@ -270,7 +270,7 @@ class SafetensorsSource(Source):
             self._direct_fds.clear()
 
 
-def _rows(shape: tuple[int, ...]) -> int:
+def rows_of(shape: tuple[int, ...]) -> int:
     """Rows of a tensor as plans and row reads count them (a scalar is one row)."""
     return shape[0] if shape else 1
 
