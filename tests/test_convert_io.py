@@ -144,12 +144,14 @@ def _ahead_file(tmp_path, nbytes=1 << 20):
     return os.open(path, os.O_RDONLY), data
 
 
+@pytest.mark.parametrize("piece", [direct.ALIGN, 4 << 20])
 @pytest.mark.parametrize("order", ["plan", "reversed", "shuffled"])
-def test_read_ahead_hands_out_the_right_bytes_in_any_order(tmp_path, monkeypatch, order):
-    """Items coalesced into small requests, three buffers reused: whatever order consumers take items in, each gets
-    its own bytes or (not read yet) None, never a wait on a request the buffers hold back; one item is never
-    taken and the rest still flow."""
+def test_read_ahead_hands_out_the_right_bytes_in_any_order(tmp_path, monkeypatch, order, piece):
+    """Items coalesced into small requests, each read as one piece or as several, three buffers reused: whatever
+    order consumers take items in, each gets its own bytes or (not read yet) None, never a wait on a request the
+    buffers hold back; one item is never taken and the rest still flow."""
     monkeypatch.setattr(readahead, "REQUEST_BYTES", 3 * direct.ALIGN + 100)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", piece)
     monkeypatch.setattr(readahead, "BUFFERS", 3)
     fd, data = _ahead_file(tmp_path)
     spans = [(i * 5000 + 7, 3000 + i % 3 * 1000) for i in range(60)]
@@ -176,7 +178,10 @@ def test_read_ahead_hands_out_the_right_bytes_in_any_order(tmp_path, monkeypatch
         assert served >= 20
 
 
-def test_read_ahead_of_a_truncated_file_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize("piece", [direct.ALIGN, 4 << 20])
+def test_read_ahead_of_a_truncated_file_is_an_error_naming_it(tmp_path, monkeypatch, piece):
+    """The file ends inside the request (in its second piece when pieces are one page): EOFError on take."""
+    monkeypatch.setattr(readahead, "PIECE_BYTES", piece)
     fd, _ = _ahead_file(tmp_path, 10_000)
     ahead = readahead.ReadAhead([[readahead.Item(("t", 0), fd, 8_000, 4_000)]])
     try:
@@ -200,6 +205,7 @@ def test_conversion_with_and_without_read_ahead_writes_the_same_bytes(fx, tmp_pa
     convert(fx.directory, tmp_path / "plain", weights, progress=False)
     monkeypatch.undo()
     monkeypatch.setattr(readahead, "REQUEST_BYTES", 64 << 10)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", 3 * direct.ALIGN)  # several pieces per request
     monkeypatch.setattr(readahead, "BUFFERS", 3)
     monkeypatch.setattr(blocks, "TEMP_BYTES", 1000)
     served = []
