@@ -195,6 +195,23 @@ def test_read_ahead_of_a_truncated_file_is_an_error_naming_it(tmp_path, monkeypa
         os.close(fd)
 
 
+def test_read_ahead_of_an_empty_item_is_ready_and_empty(tmp_path):
+    """A zero-byte item at an aligned offset (a request spanning no page) is still read: it does not wait forever."""
+    fd, _ = _ahead_file(tmp_path, 10_000)
+    ahead = readahead.ReadAhead([[readahead.Item(("t", 0), fd, direct.ALIGN, 0)]])
+    try:
+        deadline = time.time() + 10
+        while ahead._queue[0].state in ("planned", "reading") and time.time() < deadline:
+            time.sleep(0.01)
+        assert ahead._queue[0].state == "ready"
+        view, item = ahead.take(("t", 0))
+        assert view.size == 0
+        ahead.release(item)
+    finally:
+        ahead.close()
+        os.close(fd)
+
+
 @pytest.mark.parametrize("weights", ["fp8", "bf16"])
 def test_conversion_with_and_without_read_ahead_writes_the_same_bytes(fx, tmp_path, monkeypatch, weights):
     """The read-ahead (small requests, few buffers: most reads served by it, some given up) changes no byte;

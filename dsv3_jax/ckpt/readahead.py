@@ -121,7 +121,7 @@ class ReadAhead:
                 return self._pieces.pop()
             request = self._issue()
             if request is not None:
-                bounds = list(range(0, request.span, PIECE_BYTES))
+                bounds = list(range(0, request.span, PIECE_BYTES)) or [0]  # one (empty) piece for empty items
                 request.unread = len(bounds)
                 self._pieces.extend((request, lo, min(lo + PIECE_BYTES, request.span)) for lo in reversed(bounds))
                 continue
