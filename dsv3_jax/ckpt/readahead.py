@@ -17,6 +17,7 @@ pages are faulted in once).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 
@@ -84,7 +85,7 @@ class ReadAhead:
         self._next = 0
         self._buffers = 0
         self._free: list[direct.Arena] = []
-        self._pieces: list[tuple[_Request, int, int]] = []  # queued pieces of issued requests, the next one last
+        self._pieces: collections.deque[tuple[_Request, int, int]] = collections.deque()  # of issued requests
         self._closed = False
         self._cond = threading.Condition()
         self._threads = [threading.Thread(target=self._work, name=f"dsv3-readahead-{i}", daemon=True)
@@ -118,12 +119,12 @@ class ReadAhead:
         piece is left (under the lock)."""
         while True:
             if self._pieces:
-                return self._pieces.pop()
+                return self._pieces.popleft()
             request = self._issue()
             if request is not None:
                 bounds = list(range(0, request.span, PIECE_BYTES)) or [0]  # one (empty) piece for empty items
                 request.unread = len(bounds)
-                self._pieces.extend((request, lo, min(lo + PIECE_BYTES, request.span)) for lo in reversed(bounds))
+                self._pieces.extend((request, lo, min(lo + PIECE_BYTES, request.span)) for lo in bounds)
                 continue
             if self._closed or self._next >= len(self._queue):
                 return None
