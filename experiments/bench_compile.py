@@ -34,7 +34,7 @@ def child(cache_dir: str | None, batch: int, seq: int) -> dict:
         enable_compilation_cache(cache_dir)
     model = model_for("tiny_stdlib", 1)
     tc = train_config({"batch": batch, "seq": seq})
-    optimizer = make_optimizer(tc)
+    optimizer = make_optimizer(tc, flat=True)  # as `dsv3 train` on one device
     state = init_state(d.init_variables(model, 0), optimizer)
     batch_arrays = jax.device_put(make_batch(model.vocab_size, batch, seq))
     step = jit_train_step(make_train_step(model, tc, optimizer))

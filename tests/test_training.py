@@ -501,9 +501,10 @@ def test_lr_schedule_shape():
 # ---------------------------------------------------------------- 8. decay mask
 
 
-def test_weight_decay_skips_norms(variables):
+@pytest.mark.parametrize("flat", [False, True])
+def test_weight_decay_skips_norms(variables, flat):
     tc = TrainConfig(lr=0.1, warmup_steps=0, decay_start=1000, steps=2000, weight_decay=0.1)
-    opt = make_optimizer(tc)
+    opt = make_optimizer(tc, flat=flat)
     params = variables["params"]
 
     @jax.jit
@@ -525,6 +526,34 @@ def test_weight_decay_skips_norms(variables):
         else:
             np.testing.assert_allclose(np.asarray(upd), np.asarray(old) * (1 - tc.lr * tc.weight_decay), rtol=1e-6)
     assert jax.tree_util.tree_leaves(decay_mask(params)) == [not n for n in flat_norm]
+
+
+def test_flat_optimizer_equals_per_leaf(variables):
+    """make_optimizer(flat=True) (single-device runs) takes the same steps as the per-leaf chain: clip, Adam, masked
+    decay and the lr schedule, its moments one vector each."""
+    tc = TrainConfig(lr=1e-2, warmup_steps=2, decay_start=3, steps=6, weight_decay=0.1, clip_norm=0.5)
+    params = variables["params"]
+    size = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    rng = np.random.RandomState(3)
+    grads = [jax.tree_util.tree_map(lambda x, s=s: jnp.asarray(rng.randn(*x.shape) * s, x.dtype), params)
+             for s in (0.1, 3.0, 0.01, 1.0)]  # the second is clipped
+    results = {}
+    for flat in (False, True):
+        opt = make_optimizer(tc, flat=flat)
+        p, state = params, opt.init(params)
+        update = jax.jit(lambda g, st, p, opt=opt: opt.update(g, st, p))
+        for g in grads:
+            updates, state = update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        results[flat] = (p, state)
+    for got, want in zip(jax.tree_util.tree_leaves(results[True][0]), jax.tree_util.tree_leaves(results[False][0]),
+                         strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree_util.tree_leaves(results[True][0]), jax.tree_util.tree_leaves(params), strict=True)]
+    assert min(moved) > 0
+    flat_state = [x for x in jax.tree_util.tree_leaves(results[True][1]) if x.ndim]
+    assert [x.shape for x in flat_state] == [(size,), (size,)]  # mu and nu, nothing per leaf
 
 
 # ---------------------------------------------------------------- 9. non-finite guard
@@ -598,6 +627,20 @@ def test_resume_with_another_model_config_names_the_field(nan_run, field, value)
     with pytest.raises(TrainingError, match=rf"\[model\] {field}=") as info:
         train(other, out, log=lambda *_: None)
     assert "another --out" in str(info.value)
+
+
+def test_resume_on_a_mesh_from_a_single_device_checkpoint_is_refused(nan_run):
+    """A one-device run keeps its Adam moments flat: resuming its checkpoint under a mesh says so, keeps it."""
+    from dsv3_jax.errors import TrainingError
+    from dsv3_jax.parallel.api import mesh_train_step
+    from dsv3_jax.train.loop import train
+
+    rc, out, _ = nan_run
+    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    other = dataclasses.replace(rc, run=dataclasses.replace(rc.run, mesh="cpu-8-seq"))
+    with pytest.raises(TrainingError, match=r"saved by a run on one device .* resume it with run.mesh = None"):
+        train(other, out, log=lambda *_: None, sharded_step=mesh_train_step)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
 
 
 @pytest.mark.parametrize("text, name", [

@@ -201,6 +201,12 @@ def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
         return None, None
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     _compare(meta["run_config"], rc, out_dir, "checkpoint")  # before the state: a shape mismatch must name the field
+    saved_mesh = meta["run_config"].get("run", {}).get("mesh")
+    if (saved_mesh is None) != (rc.run.mesh is None):
+        kinds = {True: "one device (its Adam moments in one flat vector)", False: "a mesh (moments per parameter)"}
+        raise TrainingError(f"{out_dir}: checkpoint step {step} was saved by a run on {kinds[saved_mesh is None]}; "
+                            f"this run is on {kinds[rc.run.mesh is None]}: resume it with run.mesh = {saved_mesh!r} "
+                            "(the checkpoint is kept as it is)")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
 
@@ -296,12 +302,18 @@ class _Prepared:
     shardings: object
 
 
+def run_optimizer(rc: RunConfig):
+    """The run's optimizer: its moments in one flat vector on one device, per parameter under a mesh (sharded like
+    the parameters); see `make_optimizer`."""
+    return make_optimizer(rc.train, flat=rc.run.mesh is None)
+
+
 def _prepare(rc: RunConfig, out_dir: str, sharded_step) -> _Prepared:
     check_run_config(rc)
     recorded = _check_recorded(out_dir, rc, skip=("vocab_size",))  # the padded vocabulary follows the tokenizer
     tokenizer, batches = build_data(rc, out_dir, recorded)
     rc = dataclasses.replace(rc, model=model_config_for(rc, tokenizer.vocab_size))
-    optimizer = make_optimizer(rc.train)
+    optimizer = run_optimizer(rc)
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, rc.train.seed), optimizer))
     step_fn, shardings = _step_function(rc, optimizer, abstract, sharded_step)
     return _Prepared(rc, tokenizer, batches, optimizer, abstract, step_fn, shardings)
@@ -389,7 +401,7 @@ def load_run(out_dir: str) -> tuple[RunConfig, dict, object]:
             rc = run_config_from_json(json.load(f))
     except (ValueError, KeyError, TypeError) as e:
         raise TrainingError(f"{path}: cannot read the run config ({type(e).__name__}: {e})") from None
-    optimizer = make_optimizer(rc.train)
+    optimizer = run_optimizer(rc)
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, 0), optimizer))
     state, _ = _restore(_manager(out_dir, rc), abstract, rc, out_dir)
     if state is None:
