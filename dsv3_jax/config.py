@@ -89,6 +89,8 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations / matmul inputs; norms, softmax and router always run in float32
     param_dtype: str = "float32"  # master weights; the router gate and its bias are always float32
     scan_layers: bool = True  # one nn.scan per stack (dense, MoE) instead of a Python loop
+    scan_unroll: int = 1  # layers per loop step of a scanned stack (lax.scan's unroll); 0 = the whole stack as
+    # straight-line code, parameters still stacked (same checkpoints); decoding (a cache) always loops. README "Speed"
     remat_policy: str = "none"  # one of REMAT_POLICIES
     moe_impl: str = "auto"  # one of MOE_IMPLS; "auto" = ragged_dot on GPU/TPU, tiled gather-matmul on CPU
     init_std: float = 0.006  # report §3: init std 0.006
@@ -161,7 +163,7 @@ class ModelConfig:
         return out
 
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "moe_impl", "init_std", "matmul_precision",
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_unroll", "remat_policy", "moe_impl", "init_std", "matmul_precision",
                   "fp8_impl", "attention_impl", "attention_block")
 _HF_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {*RUNTIME_FIELDS, "rope_scaling"}
 
@@ -278,6 +280,8 @@ def validate(c: ModelConfig) -> None:
         _validate_rope(c.rope_scaling)
     _require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
+    _require(isinstance(c.scan_unroll, int) and not isinstance(c.scan_unroll, bool) and c.scan_unroll >= 0,
+             "scan_unroll", f"must be a non-negative integer (0 = unroll the whole stack), got {c.scan_unroll!r}")
     _require(c.remat_policy in REMAT_POLICIES, "remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}")
     _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
     _require(c.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",

@@ -64,7 +64,8 @@ def run_isolated(fn, *args) -> dict:
 
 def model_for(name: str, mtp_layers: int):
     """"small": the library preset (vocab 4096, D 256, 1 dense + 5 MoE layers); "tiny_stdlib": the run file's model
-    with the byte tokenizer's vocabulary (259)."""
+    with the byte tokenizer's vocabulary (259). Both with their stacks unrolled (`scan_unroll = 0`, as the run
+    file sets it: the CPU training setting the README gives)."""
     from dsv3_jax import ModelConfig
     from dsv3_jax.train.run_config import load_run_config
 
@@ -72,7 +73,7 @@ def model_for(name: str, mtp_layers: int):
         model = load_run_config(os.path.join(HERE, "configs", "tiny_stdlib.toml")).model.replace(vocab_size=259)
     else:
         model = ModelConfig.from_preset(name)
-    return model.replace(num_nextn_predict_layers=mtp_layers, dtype="float32", param_dtype="float32")
+    return model.replace(num_nextn_predict_layers=mtp_layers, dtype="float32", param_dtype="float32", scan_unroll=0)
 
 
 def train_config(case: dict):

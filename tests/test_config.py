@@ -12,7 +12,7 @@ import dsv3_jax as d
 from dsv3_jax import ConfigError, ModelConfig, RopeScaling
 
 # Run-time settings: not part of the HF config, so a round trip through config.json does not keep them.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "moe_impl", "init_std")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_unroll", "remat_policy", "moe_impl", "init_std")
 
 
 def _arch(config: ModelConfig) -> dict:
@@ -201,6 +201,8 @@ BAD_FIELDS = [
     ("dtype", dict(dtype="bf16")),
     ("param_dtype", dict(param_dtype="int8")),
     ("remat_policy", dict(remat_policy="everything")),
+    ("scan_unroll", dict(scan_unroll=-1)),
+    ("scan_unroll", dict(scan_unroll=True)),
     ("moe_impl", dict(moe_impl="megablocks")),
     ("rope_scaling.factor", dict(rope_scaling=RopeScaling(factor=0.5, original_max_position_embeddings=32))),
     ("bos_token_id", dict(bos_token_id=256)),

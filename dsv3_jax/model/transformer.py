@@ -39,10 +39,23 @@ class DecoderLayer(nn.Module):
         return x_BTD, None
 
 
-def _layer_class(config: ModelConfig) -> type[DecoderLayer]:
+def _layer_class(config: ModelConfig, looped: bool = False) -> type[DecoderLayer]:
+    """The decoder layer, rematerialised per `remat_policy`; `looped`: it runs as the body of a rolled scan (the
+    loop already keeps XLA from merging the recomputation with the forward)."""
     if config.remat_policy == "none":
         return DecoderLayer
-    return nn.remat(DecoderLayer, policy=_CHECKPOINT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    return nn.remat(DecoderLayer, policy=_CHECKPOINT_POLICIES[config.remat_policy], prevent_cse=not looped)
+
+
+def _scan_unroll(config: ModelConfig, count: int, cache_len: int) -> int:
+    """lax.scan's unroll for a stack of `count` layers: `scan_unroll` (0 = all of them), 1 with a decode cache.
+
+    Unrolled, the training step keeps no zero-filled [layers, ...] residual stacks and dynamic slices of them: the
+    tiny_stdlib step ran ~10% faster on 2 CPU cores (`small`'s ~4%) and compiled no slower; a decoding program
+    compiled 40% slower unrolled and ran no faster, so programs with a cache always loop."""
+    if cache_len:
+        return 1
+    return count if config.scan_unroll == 0 else min(config.scan_unroll, count)
 
 
 class LayerStack(nn.Module):
@@ -55,7 +68,8 @@ class LayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        layer_cls = _layer_class(self.config)
+        unroll = _scan_unroll(self.config, self.count, self.cache_len)
+        layer_cls = _layer_class(self.config, looped=self.config.scan_layers and unroll == 1)
         if not self.config.scan_layers:
             for i in range(self.count):
                 x_BTD, _ = layer_cls(self.config, self.use_moe, self.cache_len, name=f"layer_{i}")(
@@ -64,7 +78,7 @@ class LayerStack(nn.Module):
         scanned = nn.scan(
             layer_cls, length=self.count, in_axes=(nn.broadcast,),
             variable_axes={"params": 0, ROUTER_COLLECTION: 0, STATS_COLLECTION: 0, CACHE_COLLECTION: 0},
-            split_rngs={"params": True}, metadata_params={nn.PARTITION_NAME: "layers"},
+            split_rngs={"params": True}, metadata_params={nn.PARTITION_NAME: "layers"}, unroll=unroll,
         )
         x_BTD, _ = scanned(self.config, self.use_moe, self.cache_len, name="layers")(x_BTD, positions_BT)
         return x_BTD
