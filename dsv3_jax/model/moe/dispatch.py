@@ -123,7 +123,8 @@ TILES_PER_STEP = 2  # tiles per loop step of `tiles.tile_swiglu` (2 cores, small
 # 8 → 62 ms for the expert FFN's value and gradients)
 ROWS_PER_STEP = 128  # ... and at least this many padded rows per step: small tiles (many experts, few pairs each)
 # went one loop step per 2 tiles of 16 rows; 1024 tokens top-4, D = F = 256, 256 experts: forward 60.1 / 57.6 →
-# 41.6 / 45.3 ms (256 rows per step: 57.3 / 65.0), 8 experts unchanged (tiles of 128 rows)
+# 41.6 / 45.3 ms (256 rows per step: 57.3 / 65.0), 8 experts unchanged (tiles of 128 rows); measured with the earlier
+# `tile_size` (16-row tiles there, 32 now: 4 tiles per step)
 
 
 def _plain_weights(policy: MatmulPolicy | None, *weights) -> bool:
