@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,19 +256,13 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field {field}: {message}")
 
 
-def _is_int(value: Any) -> bool:
-    """An int that is not a bool (True is an int to Python, not a layer count or a block size)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate(c: ModelConfig) -> None:
     """Raise ConfigError naming the first malformed or inconsistent field."""
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
     for name in positive:
         value = getattr(c, name)
-        _require(_is_int(value) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
+        _require(is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
     for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
         value = getattr(c, name)
         _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
@@ -285,7 +279,7 @@ def validate(c: ModelConfig) -> None:
         _validate_rope(c.rope_scaling)
     _require(c.dtype in DTYPES, "dtype", f"{c.dtype!r} is not one of {DTYPES}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"{c.param_dtype!r} is not one of {DTYPES}")
-    _require(_is_int(c.scan_unroll) and c.scan_unroll >= 0,
+    _require(is_int(c.scan_unroll) and c.scan_unroll >= 0,
              "scan_unroll", f"must be a non-negative integer (0 = unroll the whole stack), got {c.scan_unroll!r}")
     _require(c.remat_policy in REMAT_POLICIES, "remat_policy", f"{c.remat_policy!r} is not one of {REMAT_POLICIES}")
     _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"{c.moe_impl!r} is not one of {MOE_IMPLS}")
@@ -304,7 +298,7 @@ def _validate_attention(c: ModelConfig) -> None:
     _require(c.attention_impl in ATTENTION_IMPLS, "attention_impl",
              f"{c.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     block = c.attention_block
-    _require(_is_int(block) and block >= 8 and block % 8 == 0,
+    _require(is_int(block) and block >= 8 and block % 8 == 0,
              "attention_block", f"must be a positive multiple of 8, got {block!r}")
     _require(c.attention_impl != "splash" or block % 128 == 0, "attention_block",
              f"the splash kernel needs a multiple of 128, got {block}")

@@ -64,6 +64,12 @@ class TrainingError(Dsv3Error, RuntimeError):
     exit_code = 1
 
 
+def is_int(value: object) -> bool:
+    """A Python int that is not a bool (True is an int to Python, not a size, a count or an offset): what the
+    config, run-file and safetensors-header checks require of an integer field."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def os_error_of(error: BaseException) -> OSError | None:
     """The OSError behind a failure of a library that wraps it (orbax, tensorstore, safetensors: chained, or only
     quoted in the message), if any — so disk full / read-only / permission problems reach the user as such."""

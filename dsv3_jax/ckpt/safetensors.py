@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy as st_numpy
 
-from dsv3_jax.errors import SafetensorsError
+from dsv3_jax.errors import SafetensorsError, is_int
 
 __all__ = [
     "DTYPES",
@@ -112,10 +112,6 @@ def _decode_header_json(raw: bytes, path: str) -> dict[str, Any]:
     return header
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_entry_fields(name: str, entry: object, path: str) -> tuple[str, list[int], list[int]]:
     """Type-check one header entry; returns (dtype string, shape, [begin, end] offsets in bytes)."""
     if not isinstance(entry, dict):
@@ -126,9 +122,9 @@ def _check_entry_fields(name: str, entry: object, path: str) -> tuple[str, list[
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPES:
         raise SafetensorsError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}, expected one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise SafetensorsError(f"{path}: tensor {name!r}: shape must be a list of ints >= 0, found {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise SafetensorsError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], found {offsets!r}")
     return dtype, shape, offsets
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dsv3_jax.config import ModelConfig, RopeScaling
-from dsv3_jax.errors import ConfigError
+from dsv3_jax.errors import ConfigError, is_int
 from dsv3_jax.train.step import TrainConfig
 
 CORPORA = {"stdlib": "the Python standard library's own sources (embedded, no download)",
@@ -57,13 +57,9 @@ class RunConfig:
 # ---------------------------------------------------------------- types, from the dataclass annotations
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 _TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "int": (_is_int, "an integer"),
-    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "int": (is_int, "an integer"),
+    "float": (lambda v: is_int(v) or isinstance(v, float), "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "tuple[str, ...]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
