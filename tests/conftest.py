@@ -8,11 +8,14 @@ import os
 import numpy as np
 import pytest
 
-# LLVM -O0: the suite's programs are tiny and compile-bound (on 2 cores, in-process: tests/test_training.py
-# 196 -> 121 s, test_invariants + test_chunked_loss 177 -> 120 s); the optimisation level changes how fast the
-# kernels run, not what they compute. Subprocesses (CLI, notebooks, multi-host) inherit it. Timings belong to
-# experiments/, which compile at the default level.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Compiled for compile time: the suite's programs are tiny and compile-bound. LLVM -O0 (on 2 cores, in-process:
+# tests/test_training.py 196 -> 121 s, test_invariants + test_chunked_loss 177 -> 120 s) and XLA:CPU's older
+# kernel emitters instead of the MLIR fusion emitters (a tiny_stdlib train step at O0 compiled in 6.9 s instead of
+# 11.1, medians of 3, interleaved). They change how fast the kernels run, not what they compute. Subprocesses (CLI,
+# notebooks, multi-host) inherit them. Timings belong to experiments/, which compile with the defaults.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {SUITE_XLA_FLAGS}")
+
 # The suite runs on the CPU; with libtpu installed (the TPU-compile tests) jax would otherwise probe for a TPU at
 # start-up and print warnings. Abstract TPU topologies still work under JAX_PLATFORMS=cpu (DESIGN.md §8).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # test turns it on for its subprocesses.
 os.environ.setdefault("DSV3_COMPILATION_CACHE", "0")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -37,6 +40,22 @@ LONGEST_FILES = ("test_sharding.py", "test_notebooks.py", "test_aot.py", "test_t
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """This process's environment for a child process: `devices` simulated CPU devices, the suite's compile flags,
+    then `extra`."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SUITE_XLA_FLAGS}", **extra}
+
+
+def cli_env(cache) -> dict[str, str]:
+    """subprocess_env for `python -m dsv3_jax.cli.main` run from the repository, on one device, with JAX's
+    persistent compilation cache in `cache` (every program written to it)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess_env(PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                          JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 TINY = ModelConfig.from_preset("tiny")

