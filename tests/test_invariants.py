@@ -144,6 +144,17 @@ def test_unrolled_stacks_equal_the_scan(variables):
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-5, rtol=0)
 
 
+def test_init_draws_the_same_numbers_whatever_the_unroll():
+    """init_variables compiles the initialisation with rolled stacks; a config with unrolled stacks gets exactly the
+    numbers its own unrolled init would draw, and init_variables inside a trace is part of that program."""
+    config = CONFIG.replace(scan_unroll=0)
+    own = nn.unbox(jax.jit(lambda key: Transformer(config).init(key, jnp.zeros((1, 2), jnp.int32),
+                                                                method="forward_with_mtp"))(jax.random.key(3)))
+    got = d.init_variables(config, 3)
+    chex.assert_trees_all_equal(got, {k: own[k] for k in got})
+    chex.assert_trees_all_equal(jax.jit(lambda: d.init_variables(config, 3))(), got)
+
+
 def test_jit_equals_eager(variables):
     tokens = jnp.asarray(random_tokens(CONFIG, 1, 8, seed=4))
     model = Transformer(CONFIG)

@@ -109,9 +109,9 @@ def test_rms_norm_backward_equals_autodiff():
 
 
 def test_cpu_compiler_options_are_cpu_only_and_overridable(monkeypatch):
-    """The package's XLA:CPU options (LLVM O1: a faster cold compile) apply to CPU programs only; XLA_FLAGS and
-    DSV3_XLA_CPU_OPTIONS=0 override them, and a program compiled with them computes the same values to float32
-    rounding (O3 vectorises the row sums, so their order differs: 1 ulp)."""
+    """The package's XLA:CPU options (LLVM O1: a faster cold compile; O0 for a small model's initialisation) apply
+    to CPU programs only; XLA_FLAGS and DSV3_XLA_CPU_OPTIONS=0 override them, and a program compiled with them
+    computes the same values to float32 rounding (O3 vectorises the row sums, so their order differs: 1 ulp)."""
     from dsv3_jax import host
 
     monkeypatch.delenv("DSV3_XLA_CPU_OPTIONS", raising=False)
@@ -121,8 +121,11 @@ def test_cpu_compiler_options_are_cpu_only_and_overridable(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
     assert host.compiler_options("cpu") is None
     monkeypatch.setenv("XLA_FLAGS", "")
+    assert host.init_compiler_options("cpu", host.INIT_O0_MAX_PARAMS) == host.INIT_CPU_COMPILER_OPTIONS
+    assert host.init_compiler_options("cpu", host.INIT_O0_MAX_PARAMS + 1) is None
+    assert host.init_compiler_options("tpu", 1) is None
     monkeypatch.setenv("DSV3_XLA_CPU_OPTIONS", "0")
-    assert host.compiler_options("cpu") is None
+    assert host.compiler_options("cpu") is None and host.init_compiler_options("cpu", 1) is None
     x = _rand(np.random.RandomState(5), 64, 48)
     fn = lambda a: jnp.sum(jax.nn.silu(a) * jnp.tanh(a), axis=-1)  # noqa: E731
     with_options = jax.jit(fn, compiler_options=host.CPU_COMPILER_OPTIONS)(x)

@@ -16,7 +16,7 @@ from dsv3_jax.ckpt.place import scale_sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import ShardingError
 from dsv3_jax.infer.generate import generate as generate_local
-from dsv3_jax.model.api import _init_fn, check_tokens, logical_axes
+from dsv3_jax.model.api import check_tokens, compile_init, logical_axes
 from dsv3_jax.model.check import check_variables
 from dsv3_jax.model.moe.expert_parallel import ExpertParallel, use_expert_parallel
 from dsv3_jax.model.transformer import Transformer
@@ -117,7 +117,8 @@ def init_sharded(config: ModelConfig, layout: Layout, mesh: Mesh, rng: int = 0):
     """Initialise straight into the shardings: no host or device ever holds the unsharded model."""
     check_divisible(config, layout, mesh)
     shardings = variable_shardings(config, layout, mesh)
-    return nn.unbox(jax.jit(_init_fn(config), out_shardings=shardings)(jax.random.key(rng)))
+    key = jax.random.key(rng)
+    return nn.unbox(compile_init(config, key, out_shardings=shardings)(key))
 
 
 def batch_sharding(layout: Layout, mesh: Mesh) -> NamedSharding:
