@@ -29,6 +29,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from dsv3_jax import ModelConfig, RopeScaling  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # The longest files first: `--dist loadfile` hands each file to the next free process in collection order, so a long
 # file collected last runs alone at the end. Ordered by their time on 2 cores (the full suite with --durations=0:
 # 500 / 270 / 250 / 250 / 230 / 170 / 160 / 160 s); the other files keep pytest's order, and so does every file's
@@ -44,17 +46,16 @@ def pytest_collection_modifyitems(config, items):
 
 def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """This process's environment for a child process: `devices` simulated CPU devices, the suite's compile flags,
-    then `extra`."""
+    the repository first on PYTHONPATH, then `extra`."""
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SUITE_XLA_FLAGS}", **extra}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SUITE_XLA_FLAGS}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), **extra}
 
 
 def cli_env(cache) -> dict[str, str]:
-    """subprocess_env for `python -m dsv3_jax.cli.main` run from the repository, on one device, with JAX's
-    persistent compilation cache in `cache` (every program written to it)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess_env(PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                          JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    """subprocess_env for `python -m dsv3_jax.cli.main` on one device, with JAX's persistent compilation cache in
+    `cache` (every program written to it)."""
+    return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 

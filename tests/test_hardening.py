@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cli_env
+from conftest import REPO, cli_env
 from convert_fixtures import FIXTURE_CONFIG, write_bf16_checkpoint, write_fp8_checkpoint
 
 import dsv3_jax as d
@@ -31,7 +31,6 @@ from dsv3_jax.infer.sampling import Sampling, sample_logits
 from dsv3_jax.train.loop import run_lock, train
 from dsv3_jax.train.run_config import load_run_config, run_config_from_dict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(preset="tiny", hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
              first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
              qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,

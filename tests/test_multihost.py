@@ -14,9 +14,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import REPO, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "experiments", "multihost_step.py")
 LAYOUT = "cpu-8"
 TIMEOUT_S = 420
@@ -39,8 +38,7 @@ def _launch(num_processes: int, port: int, log_dir) -> list[tuple[subprocess.Pop
     procs = []
     for i in range(num_processes):
         env = subprocess_env(8 // num_processes, DSV3_COORDINATOR=f"127.0.0.1:{port}",
-                             DSV3_NUM_PROCESSES=str(num_processes), DSV3_PROCESS_ID=str(i),
-                             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+                             DSV3_NUM_PROCESSES=str(num_processes), DSV3_PROCESS_ID=str(i))
         log = os.path.join(log_dir, f"process{i}.log")
         with open(log, "w") as f:
             procs.append((subprocess.Popen([sys.executable, WORKER, "--layout", LAYOUT], cwd=REPO, env=env,

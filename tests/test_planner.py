@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import REPO, TINY
 
 import dsv3_jax as d
 from dsv3_jax import ModelConfig
@@ -25,7 +25,6 @@ from dsv3_jax.plan.planner import plan
 
 V3 = ModelConfig.from_preset("deepseek-v3-671b")
 SMALL = ModelConfig.from_preset("small")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _nbytes(tree) -> int:

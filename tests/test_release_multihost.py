@@ -10,6 +10,7 @@ import os
 
 import jax
 import pytest
+from conftest import REPO
 from convert_fixtures import write_fp8_checkpoint
 
 import dsv3_jax as d
@@ -17,7 +18,6 @@ from dsv3_jax.ckpt import convert
 from dsv3_jax.parallel import api as sa
 from dsv3_jax.parallel import get_layout, make_mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = "cpu-8-ep"
 TIMEOUT_S = 300
 

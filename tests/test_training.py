@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import cli_env
+from conftest import REPO, cli_env
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax as d
@@ -38,8 +38,6 @@ from dsv3_jax.train.step import (
     make_optimizer,
     make_train_step,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 1 dense + 1 MoE layer (+ the MTP block, itself an MoE layer): 8 experts in 4 groups keeping 2, top-2.
 MODEL_TABLE = dict(
