@@ -1,5 +1,6 @@
-"""The CPU "blocks" dispatch's formulations (each pair's expert weights gathered when pairs < experts, tiles
-otherwise) equal the dense reference, values and gradients, balanced and skewed."""
+"""The CPU "blocks" dispatch's formulations (each pair's expert weights gathered when pairs <= experts, every expert
+on every token for a few tokens over few experts, tiles otherwise) equal the formula computed per pair, values and
+gradients, balanced and skewed."""
 
 from __future__ import annotations
 
@@ -31,11 +32,23 @@ def _value_and_grads(ffn, x, experts, weights, w):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, *w)
 
 
-@pytest.mark.parametrize("n,e,skew", [(2, 8, False), (6, 8, False), (64, 8, False), (64, 8, True), (96, 32, False),
-                                      (96, 32, True)])
-def test_blocks_equals_dense(n, e, skew):
+def _per_pair_reference(x_ND, experts_NX, weights_NX, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """Σ_x weight[n,x] · SwiGLU of token n with expert experts[n,x]'s weights, gathered per pair: the formula,
+    written apart from every dispatch under test (dense_ffn included)."""
+    hp = jax.lax.Precision.HIGHEST
+    gate = jnp.einsum("nd,nxdf->nxf", x_ND, w_gate_EDF[experts_NX], precision=hp)
+    up = jnp.einsum("nd,nxdf->nxf", x_ND, w_up_EDF[experts_NX], precision=hp)
+    y = jnp.einsum("nxf,nxfd->nxd", jax.nn.silu(gate) * up, w_down_EFD[experts_NX], precision=hp)
+    return jnp.einsum("nxd,nx->nd", y, weights_NX, precision=hp)
+
+
+@pytest.mark.parametrize("n,e,skew,kind", [(2, 8, False, "gathered"), (6, 8, False, "dense"), (12, 16, True, "dense"),
+                                           (40, 8, False, "tiles"), (64, 8, False, "tiles"), (64, 8, True, "tiles"),
+                                           (96, 32, False, "tiles"), (96, 32, True, "tiles")])
+def test_blocks_equals_the_per_pair_formula(n, e, skew, kind):
+    assert dispatch.blocks_formulation(n, n * X, e) == kind  # every formulation is covered by a case
     x, experts, weights, w = _inputs(n, e, skew)
-    ref_value, ref_grads = _value_and_grads(dispatch.dense_ffn, x, experts, weights, w)
+    ref_value, ref_grads = _value_and_grads(_per_pair_reference, x, experts, weights, w)
     value, grads = _value_and_grads(dispatch.blocks_ffn, x, experts, weights, w)
     np.testing.assert_allclose(value, ref_value, atol=1e-4, rtol=1e-5)
     for g, ref in zip(grads, ref_grads, strict=True):
