@@ -53,3 +53,22 @@ def test_blocks_equals_the_per_pair_formula(n, e, skew, kind):
     np.testing.assert_allclose(value, ref_value, atol=1e-4, rtol=1e-5)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_formulations_agree_with_fp8_resident_weights():
+    """The dense choice sends FP8-resident experts through the expert-batched FP8 product: same values as the
+    tiles and the per-pair gather, which take the per-expert FP8 product."""
+    from dsv3_jax.config import MatmulPolicy
+    from dsv3_jax.quant.fp8 import quantize_weight
+
+    n, e = 6, 8
+    assert dispatch.blocks_formulation(n, n * X, e) == "dense"
+    x, experts, weights, w = _inputs(n, e, skew=False)
+    quantized, policy = [quantize_weight(a) for a in w], MatmulPolicy()
+    got = dispatch.blocks_ffn(x, experts, weights, *quantized, policy=policy)
+    tiles = dispatch._combine_rows(dispatch._blocks_pairs(x, experts, *quantized, policy), weights)
+    gathered = dispatch._combine_rows(dispatch._gathered_rows(*dispatch._pairs(x, experts), *quantized, policy),
+                                      weights)
+    np.testing.assert_allclose(got, tiles, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, gathered, atol=1e-5, rtol=0)
+    assert float(jnp.abs(got).max()) > 0.1
