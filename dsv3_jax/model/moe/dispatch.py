@@ -162,7 +162,7 @@ def _blocks_pairs(x_RD: jax.Array, experts_RX: jax.Array, w_gate_EDF: jax.Array,
     return permute_rows(y_ZWD.reshape(num_tiles * tile, -1), dest_M, src_P)
 
 
-DENSE_MAX_ROWS = 256  # tokens × experts up to which `blocks_ffn` runs every expert on every token (see there)
+DENSE_MAX_ROWS = 256  # tokens × experts up to which `blocks_ffn` runs every expert on each token (see below)
 
 
 def blocks_formulation(num_tokens: int, num_pairs: int, num_experts: int) -> str:
