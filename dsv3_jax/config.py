@@ -92,7 +92,7 @@ class ModelConfig:
     scan_unroll: int = 1  # layers per loop step of a scanned stack (lax.scan's unroll); 0 = the whole stack as
     # straight-line code, parameters still stacked (same checkpoints); decoding (a cache) always loops. README "Speed"
     remat_policy: str = "none"  # one of REMAT_POLICIES
-    moe_impl: str = "auto"  # one of MOE_IMPLS; "auto" = ragged_dot on GPU/TPU, tiled gather-matmul on CPU
+    moe_impl: str = "auto"  # one of MOE_IMPLS; "auto" = ragged_dot on GPU/TPU, "blocks" (tiles) on CPU
     init_std: float = 0.006  # report §3: init std 0.006
     matmul_precision: str = "default"  # "fp8": FP8 block-scaled GEMMs for attention/MLP/expert projections
     fp8_impl: str = "blockwise"  # "blockwise" (fp32 promotion per 128 of K), "dequant" (one dot, same math), or
