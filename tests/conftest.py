@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from dsv3_jax import ModelConfig, RopeScaling  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "dsv3_jax.cli.main"]  # `dsv3` as a child process (run with cwd=REPO, env=cli_env)
 
 # The longest files first: `--dist loadfile` hands each file to the next free process in collection order, so a long
 # file collected last runs alone at the end. Ordered by their time on 2 cores (the full suite with --durations=0:

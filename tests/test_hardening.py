@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_env
+from conftest import CLI, REPO, cli_env
 from convert_fixtures import FIXTURE_CONFIG, write_bf16_checkpoint, write_fp8_checkpoint
 
 import dsv3_jax as d
@@ -53,7 +53,7 @@ def _toml(table: dict) -> str:
 
 
 def _dsv3(*argv, cache, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv3_jax.cli.main", *map(str, argv)], cwd=REPO, env=cli_env(cache),
+    return subprocess.run([*CLI, *map(str, argv)], cwd=REPO, env=cli_env(cache),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -206,7 +206,7 @@ def fp8_src(work):
 
 def _interrupt_convert(src: str, out, sig: int, cache) -> tuple[int, str]:
     """Start `dsv3 convert`, send `sig` once its first block file appears (mid-conversion); (return code, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "convert", src, str(out), "--quiet"],
+    proc = subprocess.Popen([*CLI, "convert", src, str(out), "--quiet"],
                             cwd=REPO, env=cli_env(cache), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

@@ -66,9 +66,7 @@ def test_formulations_agree_with_fp8_resident_weights():
     x, experts, weights, w = _inputs(n, e, skew=False)
     quantized, policy = [quantize_weight(a) for a in w], MatmulPolicy()
     got = dispatch.blocks_ffn(x, experts, weights, *quantized, policy=policy)
-    tiles = dispatch._combine_rows(dispatch._blocks_pairs(x, experts, *quantized, policy), weights)
-    gathered = dispatch._combine_rows(dispatch._gathered_rows(*dispatch._pairs(x, experts), *quantized, policy),
-                                      weights)
-    np.testing.assert_allclose(got, tiles, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(got, gathered, atol=1e-5, rtol=0)
+    for kind in ("tiles", "gathered"):
+        other = dispatch.BLOCKS_FORMULATIONS[kind](x, experts, weights, *quantized, policy)
+        np.testing.assert_allclose(got, other, atol=1e-5, rtol=0)
     assert float(jnp.abs(got).max()) > 0.1

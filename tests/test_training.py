@@ -10,7 +10,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, cli_env
+from conftest import CLI, REPO, cli_env
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax as d
@@ -203,7 +202,7 @@ sample_tokens = 0
 
 
 def _cli(toml: str, out, cache) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli.main", "train", "--config", toml, "--out", str(out)],
+    return subprocess.Popen([*CLI, "train", "--config", toml, "--out", str(out)],
                             cwd=REPO, env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -187,13 +187,19 @@ def blocks_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_
     """Dropless expert FFN for the CPU: tiles (`_blocks_pairs` of every token-expert pair, then the weighted
     combine), or for a few rows each pair's own expert weights gathered, or every expert on every row
     (`blocks_formulation`)."""
-    weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
-    kind = blocks_formulation(x_ND.shape[0], experts_NX.size, w_gate_EDF.shape[0])
-    if kind == "gathered":
-        return _combine_rows(_gathered_rows(*_pairs(x_ND, experts_NX), *weights, policy), weights_NX)
-    if kind == "dense":
-        return dense_ffn(x_ND, experts_NX, weights_NX, *weights, policy)
-    return _combine_rows(_blocks_pairs(x_ND, experts_NX, *weights, policy), weights_NX)
+    ffn = BLOCKS_FORMULATIONS[blocks_formulation(x_ND.shape[0], experts_NX.size, w_gate_EDF.shape[0])]
+    return ffn(x_ND, experts_NX, weights_NX, w_gate_EDF, w_up_EDF, w_down_EFD, policy)
+
+
+def _tiles_ffn(x_ND, experts_NX, weights_NX, w_gate_EDF, w_up_EDF, w_down_EFD, policy=None) -> jax.Array:
+    """`_blocks_pairs` of every token-expert pair, then the weighted combine."""
+    return _combine_rows(_blocks_pairs(x_ND, experts_NX, w_gate_EDF, w_up_EDF, w_down_EFD, policy), weights_NX)
+
+
+def _gathered_ffn(x_ND, experts_NX, weights_NX, w_gate_EDF, w_up_EDF, w_down_EFD, policy=None) -> jax.Array:
+    """`_gathered_rows` of every token-expert pair, then the weighted combine."""
+    return _combine_rows(_gathered_rows(*_pairs(x_ND, experts_NX), w_gate_EDF, w_up_EDF, w_down_EFD, policy),
+                         weights_NX)
 
 
 def _gathered_rows(x_MD, expert_M, w_gate_EDF, w_up_EDF, w_down_EFD, policy) -> jax.Array:
@@ -274,6 +280,7 @@ def dense_rows(x_MD: jax.Array, expert_M: jax.Array, w_gate_EDF: jax.Array, w_up
     return dense_ffn(x_MD, expert_M[:, None], ones_M1, w_gate_EDF, w_up_EDF, w_down_EFD, policy)
 
 
+BLOCKS_FORMULATIONS = {"gathered": _gathered_ffn, "dense": dense_ffn, "tiles": _tiles_ffn}  # `blocks_formulation`
 EXPERT_FFNS = {"blocks": blocks_ffn, "ragged": ragged_ffn, "dense": dense_ffn}
 EXPERT_ROWS = {"blocks": blocks_rows, "ragged": ragged_rows, "dense": dense_rows}  # (x [M,D], expert [M]) → [M,D]
 
