@@ -84,24 +84,26 @@ def _combine_rows(y_MD: jax.Array, weights_NX: jax.Array) -> jax.Array:
     return combine(y_MD.reshape(n, x, -1), weights_NX)
 
 
-TILE_MAX_ROWS = 128  # the largest "blocks" tile (see `tile_size`)
-
-
 def tile_size(num_pairs: int, num_experts: int) -> int:
-    """Rows per tile for the "blocks" dispatch: λ + 2√λ rounded up to a multiple of 8, in [8, TILE_MAX_ROWS]
-    (λ = pairs per expert). An expert of a balanced router then fits one tile, with about half the padding of
-    twice λ.
+    """Rows per tile for the "blocks" dispatch: λ + 2√λ rounded up to a multiple of 8, at least 8 (λ = pairs per
+    expert). An expert of a balanced router fits one tile, with a margin for the spread of its load: a tile of
+    exactly λ rows sends every expert above λ to a second tile that is mostly padding.
 
-    Measured on 2 CPU cores, in-process interleaved, medians of 10 (the MoE layer of `small`, D = F = 256, 1024
-    tokens top-4, its own router at init_std 0.02, forward / forward and gradients): 256 experts (λ = 16) 32 → 24
-    rows 129.5 → 88.6 ms / 428 → 438 ms (level), 16 rows 113.4 / 429 ms; 64 experts (λ = 64) 128 → 80 rows 65.3 →
-    42.1 / 180 → 137 ms, 64 rows 62.8 / 195 ms. More pairs per expert keep 128 rows: at 8 experts (λ = 512) 256- and
-    520-row tiles were level with 128, since a router's loads spread far wider than √λ (loads 228-748 for
-    λ = 512 in the tiny_stdlib step at init) and every tile past an expert's last row is padding. The earlier rule
-    (the power of two above λ) padded each balanced expert to 2λ."""
+    Measured on 2 CPU cores, in-process interleaved, medians of 10-16, the `small` preset's MoE layer (D = F = 256,
+    top-4, its own router at init_std 0.02, whose loads spread far wider than √λ), forward / forward and gradients:
+      - 256 experts, 1024 tokens (λ = 16): 32 → 24 rows 129.5 → 88.6 ms / 428 → 438 ms (level); 16 rows 113.4 / 429.
+      - 64 experts (λ = 64): 128 → 80 rows 65.3 → 42.1 / 180 → 137 ms; 64 rows 62.8 / 195 ms.
+      - 16 experts, 512 tokens (λ = 128, `small` prefilling 8 rows of 64): 128 → 160 rows 27.6 → 19.0 / 75 → 58 ms;
+        the whole forward at 152 rows 125.6 → 114.7 ms.
+      - 16 experts, 1024 tokens (λ = 256, `small` at 4 × 256): 128 → 288 rows 33.9 → 29.6 / 111 → 89 ms, 256 rows
+        40.9 / 114 ms; the whole forward 296 → 277 ms, its train step 1188 → 1161 ms (level), XLA temp +49 MiB.
+      - 8 experts (λ = 512): 128 → 560 rows 31.0 → 28.9 / 102 → 91 ms, 256 rows 34.4 / 109 ms; the tiny_stdlib
+        train step (λ = 512, D = F = 128) level, 444 vs 451 ms.
+    The static bound on padded rows is pairs + experts · tile (about twice the pairs for λ ≥ 64). The earlier rules
+    (powers of two, at most 128 rows) padded a balanced expert to 2λ below 128 pairs per expert and cut it into
+    several 128-row tiles above."""
     per_expert = num_pairs / max(num_experts, 1)
-    rows = 8 * math.ceil((per_expert + 2 * math.sqrt(per_expert)) / 8)
-    return int(min(TILE_MAX_ROWS, max(8, rows)))
+    return int(max(8, 8 * math.ceil((per_expert + 2 * math.sqrt(per_expert)) / 8)))
 
 
 def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: int):
