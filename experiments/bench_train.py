@@ -11,7 +11,10 @@ Run (defaults: the "small" preset at 4 x 256 and the tiny_stdlib.toml model at 1
                                                     # shared with other jobs, torch with 2 threads stalls badly
 
 For each case (model, batch x seq) three variants run, each in its own spawned process (torch and XLA never share
-a process or its thread pools; peak RSS is per variant):
+a process or its thread pools; peak RSS is per variant). Each sets itself up alone (compile, first step), then the
+variants step in turn, one timed step each per round (`interleave.py`): this machine's speed drifts by up to 2x
+within minutes, and timing one framework after the other put that drift into their ratio. `--sequential` times
+each variant alone, one after another, as before:
 
     jax (MTP off)  dsv3-jax `jit_train_step(make_train_step(...))` with num_nextn_predict_layers = 0: next-token CE +
                    sequence-wise balance loss (alpha 1e-4), clip 1.0, AdamW, aux-loss-free bias update -- the
@@ -33,13 +36,10 @@ Writes --out/bench_train.json, bench_train.md and bench_train.png (tokens/s per 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -53,13 +53,6 @@ VARIANTS = ("jax (MTP off)", "jax (MTP on)", "torch")
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_isolated(fn, *args) -> dict:
-    """`fn(*args)` in a fresh spawned process; its result dict."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def model_for(name: str, mtp_layers: int):
@@ -90,19 +83,6 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.
     return {"inputs": window[:, :-1], "targets": window[:, 1:]}
 
 
-def timed_steps(step, warmup: int, repeats: int, budget_s: float) -> tuple[float, float, list[float]]:
-    """(median s, min s, all s) of `step()` (which must block) after `warmup` calls; stop after budget_s (>= 3)."""
-    for _ in range(warmup):
-        step()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), times
-
-
 # ---------------------------------------------------------------- children
 
 def pin_cores(cores: int) -> int:
@@ -113,7 +93,8 @@ def pin_cores(cores: int) -> int:
     return len(os.sched_getaffinity(0))
 
 
-def jax_child(case: dict, mtp_layers: int, args: argparse.Namespace) -> dict:
+def jax_setup(case: dict, mtp_layers: int, args: argparse.Namespace):
+    """(step, finish) of dsv3-jax's jitted train step (see `interleave`); compile time and first step included."""
     pin_cores(args.cores)
     import jax
 
@@ -140,15 +121,15 @@ def jax_child(case: dict, mtp_layers: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     step()
     first_s = time.perf_counter() - t0
-    med, mn, times = timed_steps(step, args.warmup - 1, args.repeats, args.budget_s)
     counts = param_counts(model)
-    return {"median_s": med, "min_s": mn, "times": times, "compile_s": compile_s, "first_s": first_s,
-            "rss": peak_rss_mib(), "temp_mib": mem.temp_size_in_bytes / MiB, "impl": model.moe_impl,
-            "params": counts["total"] + counts["mtp"], "loss_first": losses[0], "loss_last": losses[-1],
-            "threads": len(os.sched_getaffinity(0))}
+    return step, lambda: {
+        "compile_s": compile_s, "first_s": first_s, "rss": peak_rss_mib(), "temp_mib": mem.temp_size_in_bytes / MiB,
+        "impl": model.moe_impl, "params": counts["total"] + counts["mtp"], "loss_first": losses[0],
+        "loss_last": losses[-1], "threads": len(os.sched_getaffinity(0))}
 
 
-def torch_child(case: dict, args: argparse.Namespace) -> dict:
+def torch_setup(case: dict, args: argparse.Namespace):
+    """(step, finish) of HF DeepseekV3ForCausalLM's eager train step with torch AdamW (see `interleave`)."""
     cores = pin_cores(args.cores)
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -180,12 +161,11 @@ def torch_child(case: dict, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     step()
     first_s = time.perf_counter() - t0
-    med, mn, times = timed_steps(step, args.warmup - 1, args.repeats, args.budget_s)
-    return {"median_s": med, "min_s": mn, "times": times, "compile_s": 0.0, "first_s": first_s,
-            "rss": peak_rss_mib(), "temp_mib": float("nan"), "params": sum(p.numel() for p in model.parameters()),
-            "attn": model.config._attn_implementation,
-            "experts": getattr(model.config, "_experts_implementation", "?"), "loss_first": losses[0],
-            "loss_last": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return step, lambda: {
+        "compile_s": 0.0, "first_s": first_s, "rss": peak_rss_mib(), "temp_mib": float("nan"),
+        "params": sum(p.numel() for p in model.parameters()), "attn": model.config._attn_implementation,
+        "experts": getattr(model.config, "_experts_implementation", "?"), "loss_first": losses[0],
+        "loss_last": losses[-1], "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 # ---------------------------------------------------------------- main
@@ -205,8 +185,10 @@ def main() -> None:
                    help="comma list of MODEL:BATCHxSEQ, MODEL = a preset name or tiny_stdlib")
     p.add_argument("--variants", default=",".join(VARIANTS), help="subset of: " + ", ".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (incl. the first) before timing")
-    p.add_argument("--repeats", type=int, default=6, help="timed optimizer steps per variant (median)")
-    p.add_argument("--budget-s", type=float, default=20.0, help="stop timing a variant after this many s (>= 3)")
+    p.add_argument("--repeats", type=int, default=8, help="timed optimizer steps per variant (median)")
+    p.add_argument("--budget-s", type=float, default=20.0, help="stop timing after this many s per variant (>= 3)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each variant alone, one after another (default: a case's variants in turn)")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch threads (default 0: os.cpu_count(), or --cores when given)")
     p.add_argument("--cores", type=int, default=0,
@@ -218,21 +200,24 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",")]
     sys.path.insert(0, HERE)
     import plots
+    from interleave import run_interleaved
 
     t_start = time.perf_counter()
     results: dict[str, dict[str, dict]] = {}
     for case in parse_cases(args.cases):
+        jobs = {v: (torch_setup, (case, args)) if v == "torch" else (jax_setup, (case, 1 if "on" in v else 0, args))
+                for v in variants}
+        print(f"... {case['label']}: {', '.join(variants)}" + (" (one after another)" if args.sequential else
+                                                              " (set up one by one, then timed in turn)"), flush=True)
+        groups = [{v: job} for v, job in jobs.items()] if args.sequential else [jobs]
         row = results.setdefault(case["label"], {})
-        for variant in variants:
-            print(f"... {case['label']}: {variant}", flush=True)
-            if variant == "torch":
-                row[variant] = run_isolated(torch_child, case, args)
-            else:
-                row[variant] = run_isolated(jax_child, case, 1 if "on" in variant else 0, args)
-            r = row[variant]
-            r["load1_after"] = os.getloadavg()[0]
+        for group in groups:
+            row.update(run_interleaved(group, args.warmup - 1, args.repeats, args.budget_s))
+            for variant in group:
+                row[variant]["load1_after"] = os.getloadavg()[0]
+        for variant, r in row.items():
             r["tokens_per_s"] = case["batch"] * case["seq"] / r["median_s"]
-            print(f"    {r['tokens_per_s']:8.0f} tok/s  median {r['median_s'] * 1e3:.0f} ms  min "
+            print(f"    {variant:14s} {r['tokens_per_s']:8.0f} tok/s  median {r['median_s'] * 1e3:.0f} ms  min "
                   f"{r['min_s'] * 1e3:.0f} ms  compile {r['compile_s']:.1f}s  first step {r['first_s']:.1f}s  "
                   f"peak RSS {r['rss']:.0f} MiB  loss {r['loss_first']:.3f}->{r['loss_last']:.3f}", flush=True)
 
@@ -254,9 +239,11 @@ def main() -> None:
     pinned = f"children pinned to {args.cores} core(s)" if args.cores else "no pinning"
     setup = (f"float32, {os.cpu_count()} cores, {pinned} (torch threads {torch_info.get('threads', '-')}, HF "
              f"attn {torch_info.get('attn', '-')}, experts {torch_info.get('experts', '-')}); "
-             f"{args.warmup} warm-up steps, median of <= {args.repeats} timed steps; 'load avg' = 1-min load "
-             f"after each variant ({load[0]:.1f}/{load[1]:.1f} 1/5-min at the end). On a loaded machine every number "
-             "is noisy; torch with all cores' threads suffers most (OpenMP barriers stall when a core is taken).")
+             f"{args.warmup} warm-up steps, median of <= {args.repeats} timed steps"
+             f"{' per variant, one variant after another' if args.sequential else ', the variants stepping in turn'}"
+             f"; 'load avg' = 1-min load after each variant ({load[0]:.1f}/{load[1]:.1f} 1/5-min at the end). "
+             "On a loaded machine every number is noisy; torch with all cores' threads suffers most (OpenMP "
+             "barriers stall when a core is taken).")
     print("\n" + setup + "\n" + table)
     print(f"(total wall time {time.perf_counter() - t_start:.0f} s)")
 
