@@ -16,6 +16,10 @@ Prints:
   2. The MoE layer alone (top-k 4, batch x seq tokens) for 8, 64, 256 routed experts (n_group 4, topk_group 2):
      dsv3-jax moe_impl "blocks", "ragged", "dense" (jitted, median ms, compiled temp MiB) next to HF DeepseekV3MoE on
      the same weights with experts "grouped_mm" (HF default) and "eager", plus max |out diff| (HF vs first impl).
+     Both processes stay alive and every cell runs once per round, in turn (`interleave.py`): this machine's speed
+     drifts by up to 2x within minutes, and timing one framework's cells after the other's put that drift into
+     the ratios and the 8 -> 256 growth. A cell leaves the rounds after --moe-repeats, or at 2 runs once it has
+     spent --budget-s.
   3. A one-line summary of the key ratios, the load average; compile times per row.
 Writes --out/bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks).
 
@@ -216,36 +220,35 @@ def moe_config(args: argparse.Namespace, experts: int):
                          n_group=args.n_group, topk_group=args.topk_group, init_std=0.02)
 
 
-def jax_moe_child(args: argparse.Namespace, workdir: str) -> dict:
-    """For each expert count: init a MoE, save weights/input/output to workdir/moe_E.npz, time every moe_impl."""
+def jax_moe_setup(args: argparse.Namespace, workdir: str):
+    """For each expert count: init a MoE, save weights/input/output to workdir/moe_E.npz, compile every moe_impl;
+    (steps "E impl", finish → compile s and XLA temp bytes per cell) for `interleave.run_interleaved`."""
     pin_cores(args.cores)
     import flax.linen as nn
     import jax
 
     from dsv3_jax.model.moe import MoE
 
-    results: dict = {}
+    steps, info = {}, {}
     for experts in args.experts:
         base = moe_config(args, experts)
         x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, base.hidden_size), jax.numpy.float32)
         boxed = MoE(base).init(jax.random.key(0), x)
         variables = nn.unbox({k: boxed[k] for k in ("params", "router")})
-        row: dict = {}
+        row = info.setdefault(experts, {})
         for impl in args.moe_impls:
             cfg = base.replace(moe_impl=impl)
             t0 = time.perf_counter()
             compiled = jax.jit(lambda v, x, cfg=cfg: MoE(cfg).apply(v, x)).lower(variables, x).compile()
             row[impl + "_compile_s"] = time.perf_counter() - t0
-            row[impl] = median_ms(lambda c=compiled, v=variables, x=x: c(v, x).block_until_ready(), 1, args.moe_repeats,
-                                  args.budget_s, min_runs=2)
             row[impl + "_temp"] = compiled.memory_analysis().temp_size_in_bytes
+            steps[f"{experts} {impl}"] = lambda c=compiled, v=variables, x=x: c(v, x).block_until_ready()
             if impl == args.moe_impls[0]:
                 out = np.asarray(compiled(variables, x))
         flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
         np.savez(os.path.join(workdir, f"moe_{experts}.npz"), x=np.asarray(x), out=out, **flat)
-        results[experts] = row
-    return results
+    return steps, lambda: info
 
 
 def hf_moe_module(args: argparse.Namespace, experts: int, arrays: dict, experts_impl: str):
@@ -269,24 +272,48 @@ def hf_moe_module(args: argparse.Namespace, experts: int, arrays: dict, experts_
     return module
 
 
-def hf_moe_child(args: argparse.Namespace, workdir: str) -> dict:
-    """Time HF DeepseekV3MoE (grouped_mm and eager experts) on the weights saved by `jax_moe_child`."""
+def hf_moe_setup(args: argparse.Namespace, workdir: str):
+    """HF DeepseekV3MoE (grouped_mm and eager experts) on the weights saved by `jax_moe_setup`: (steps "E impl",
+    finish → max |out diff| vs dsv3-jax per expert count) for `interleave.run_interleaved`."""
     torch_setup(args)
     import torch
 
-    results: dict = {}
+    steps, info = {}, {}
+
+    def call(module, x):
+        with torch.no_grad():
+            return module(x)
+
     for experts in args.experts:
         arrays = dict(np.load(os.path.join(workdir, f"moe_{experts}.npz")))
         x = torch.from_numpy(arrays["x"])
-        row: dict = {}
         for impl in ("grouped_mm", "eager"):
             module = hf_moe_module(args, experts, arrays, impl)
-            with torch.no_grad():
-                row[impl] = median_ms(lambda m=module, x=x: m(x), 1, args.moe_repeats, args.budget_s, min_runs=2)
-                if impl == "grouped_mm":
-                    row["maxdiff"] = float(np.max(np.abs(module(x).numpy() - arrays["out"])))
-        results[experts] = row
-    return results
+            steps[f"{experts} {impl}"] = lambda m=module, x=x: call(m, x)
+            if impl == "grouped_mm":
+                info[experts] = {"maxdiff": float(np.max(np.abs(call(module, x).numpy() - arrays["out"])))}
+    return steps, lambda: info
+
+
+def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
+    """Section 2, both frameworks alive and their cells timed in turn (`interleave.py`): (jax, hf) as
+    {experts: {impl: median ms, ...}}."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from interleave import run_interleaved
+
+    res = run_interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
+                          warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
+    out = []
+    for name in ("jax", "hf"):
+        steps = res[name].pop("steps")
+        table = {e: dict(row) for e, row in res[name].items()}
+        for key, stats in steps.items():
+            e, impl = key.split(" ")
+            table[int(e)][impl] = stats["median_s"] * 1e3
+        out.append(table)
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------- printing
@@ -384,7 +411,7 @@ def main() -> None:
             fwd = (run_isolated(hf_forward_child, args, workdir), run_isolated(jax_forward_child, args, workdir))
             print_forward(args, *fwd)
         if not args.skip_moe:
-            moe = (run_isolated(jax_moe_child, args, workdir), run_isolated(hf_moe_child, args, workdir))
+            moe = run_moe(args, workdir)
             print_moe(args, *moe)
     print_summary(args, fwd, moe)
     load = os.getloadavg()

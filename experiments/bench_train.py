@@ -122,7 +122,7 @@ def jax_setup(case: dict, mtp_layers: int, args: argparse.Namespace):
     step()
     first_s = time.perf_counter() - t0
     counts = param_counts(model)
-    return step, lambda: {
+    return {"train": step}, lambda: {
         "compile_s": compile_s, "first_s": first_s, "rss": peak_rss_mib(), "temp_mib": mem.temp_size_in_bytes / MiB,
         "impl": model.moe_impl, "params": counts["total"] + counts["mtp"], "loss_first": losses[0],
         "loss_last": losses[-1], "threads": len(os.sched_getaffinity(0))}
@@ -161,7 +161,7 @@ def torch_setup(case: dict, args: argparse.Namespace):
     t0 = time.perf_counter()
     step()
     first_s = time.perf_counter() - t0
-    return step, lambda: {
+    return {"train": step}, lambda: {
         "compile_s": 0.0, "first_s": first_s, "rss": peak_rss_mib(), "temp_mib": float("nan"),
         "params": sum(p.numel() for p in model.parameters()), "attn": model.config._attn_implementation,
         "experts": getattr(model.config, "_experts_implementation", "?"), "loss_first": losses[0],
@@ -212,9 +212,9 @@ def main() -> None:
         groups = [{v: job} for v, job in jobs.items()] if args.sequential else [jobs]
         row = results.setdefault(case["label"], {})
         for group in groups:
-            row.update(run_interleaved(group, args.warmup - 1, args.repeats, args.budget_s))
-            for variant in group:
-                row[variant]["load1_after"] = os.getloadavg()[0]
+            for variant, r in run_interleaved(group, args.warmup - 1, args.repeats, args.budget_s).items():
+                stats = r.pop("steps")["train"]
+                row[variant] = {**r, **stats, "load1_after": os.getloadavg()[0]}
         for variant, r in row.items():
             r["tokens_per_s"] = case["batch"] * case["seq"] / r["median_s"]
             print(f"    {variant:14s} {r['tokens_per_s']:8.0f} tok/s  median {r['median_s'] * 1e3:.0f} ms  min "
