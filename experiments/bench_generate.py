@@ -9,18 +9,18 @@ Prints, for each batch size: prefill latency (ms) and decode tokens/s of HF `gen
 float32, HF's own cache) and of `dsv3_jax.infer.generate` (greedy, stop tokens off, compiled once — compile time shown
 apart), their ratio (> 1 = dsv3-jax faster), whether the tokens agree, and the cache bytes per token per layer
 of the latent MLA cache against a naive per-head key/value cache, peak RSS per side and the load average. Each
-framework runs in its own process; unpinned (all cores) unless --cores. Writes --out/bench_generate[_coresN].json
-and .png.
+framework runs in its own process; unpinned (all cores) unless --cores. Both processes stay alive and their
+prefill and generate calls run in turn, round after round (`interleave.py`): this machine's speed drifts by up
+to 2x within minutes, and timing one framework after the other put that drift into the ratios. Writes
+--out/bench_generate[_coresN].json and .png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +54,9 @@ def build_checkpoint(preset: str, directory: str) -> None:
     model.save_pretrained(directory)
 
 
-def hf_child(args, directory: str, batch: int, queue) -> None:
+def hf_setup(args, directory: str, batch: int):
+    """HF `generate` on the checkpoint: steps "prefill" (one forward filling the cache) and "generate" (the whole
+    greedy run), for `interleave.run_interleaved`; finish → tokens and peak RSS."""
     pin_cores(args.cores)
     import torch
     from transformers import DeepseekV3ForCausalLM
@@ -63,44 +65,45 @@ def hf_child(args, directory: str, batch: int, queue) -> None:
     model = DeepseekV3ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     ids = torch.from_numpy(prompts(model.config.vocab_size, batch, args.prompt_len))
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=args.new_tokens)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
-        prefill = [_timed(lambda: model(ids, use_cache=True)) for _ in range(args.repeats)]
-        runs = [_timed(lambda: model.generate(ids, max_new_tokens=args.new_tokens, **kwargs)) for _ in range(2)]
-        tokens = model.generate(ids, max_new_tokens=args.new_tokens, **kwargs)[:, args.prompt_len:].numpy()
-    total = statistics.median(runs)
-    queue.put({"prefill_ms": 1e3 * statistics.median(prefill),
-               "decode_tok_s": batch * (args.new_tokens - 1) / max(total - statistics.median(prefill), 1e-9),
-               "tokens": tokens, "rss_mib": peak_rss_mib()})
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    no_grad(lambda: model.generate(ids, max_new_tokens=2, **kwargs))()  # warm-up
+    full = no_grad(lambda: model.generate(ids, max_new_tokens=args.new_tokens, **kwargs))
+    tokens = full()[:, args.prompt_len:].numpy()
+    steps = {"prefill": no_grad(lambda: model(ids, use_cache=True)), "generate": full}
+    return steps, lambda: {"tokens": tokens, "rss_mib": peak_rss_mib()}
 
 
-def jax_child(args, directory: str, batch: int, queue) -> None:
+def jax_setup(args, directory: str, batch: int):
+    """`dsv3_jax.infer.generate` (greedy, stop tokens off) on the same checkpoint: steps "prefill" (prompt + first
+    token) and "generate"; compile time measured here; finish → tokens, cache sizes, compile s, peak RSS."""
     pin_cores(args.cores)
     import jax
 
     import dsv3_jax as d
-    from dsv3_jax.infer.generate import _compiled, generate
+    from dsv3_jax.infer.generate import generate
 
     config, variables = d.load_pretrained(directory)
     ids = prompts(config.vocab_size, batch, args.prompt_len)
     start = time.perf_counter()
-    generate(config, variables, ids, args.new_tokens, stop_ids=())
+    tokens = np.asarray(generate(config, variables, ids, args.new_tokens, stop_ids=()).tokens)
     compile_s = time.perf_counter() - start
     one = time.perf_counter()
     generate(config, variables, ids, 1, stop_ids=())  # prefill + first token (compiles once more)
     compile_s += time.perf_counter() - one
-    prefill = [_timed(lambda: generate(config, variables, ids, 1, stop_ids=())) for _ in range(args.repeats)]
-    runs = [_timed(lambda: generate(config, variables, ids, args.new_tokens, stop_ids=())) for _ in range(3)]
-    tokens = np.asarray(generate(config, variables, ids, args.new_tokens, stop_ids=()).tokens)
-    total = statistics.median(runs)
     cache = jax.eval_shape(lambda: d.Transformer(config, 64).init(
         jax.random.key(0), np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32)))["cache"]
     per_layer = sum(np.prod(x.shape[-1:]) for x in jax.tree_util.tree_leaves(cache["dense_layers"]))
     naive = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
-    _compiled.cache_clear()
-    queue.put({"prefill_ms": 1e3 * statistics.median(prefill), "compile_s": compile_s,
-               "decode_tok_s": batch * (args.new_tokens - 1) / max(total - statistics.median(prefill), 1e-9),
-               "tokens": tokens, "cache_values": int(per_layer), "naive_values": int(naive), "rss_mib": peak_rss_mib()})
+    steps = {"prefill": lambda: generate(config, variables, ids, 1, stop_ids=()),
+             "generate": lambda: generate(config, variables, ids, args.new_tokens, stop_ids=())}
+    return steps, lambda: {"compile_s": compile_s, "tokens": tokens, "cache_values": int(per_layer),
+                           "naive_values": int(naive), "rss_mib": peak_rss_mib()}
 
 
 def peak_rss_mib() -> float:
@@ -108,20 +111,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def run_pair(args, directory: str, batch: int) -> tuple[dict, dict]:
+    """Both sides alive, their steps timed in turn (`interleave.py`): (hf, jax) with prefill ms and decode tok/s
+    (the whole run less the prefill, over the tokens after the first)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from interleave import run_interleaved
 
-
-def run(target, *args) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
+    res = run_interleaved({"hf": (hf_setup, (args, directory, batch)), "jax": (jax_setup, (args, directory, batch))},
+                          warmup=1, repeats=args.repeats, budget_s=args.budget_s)
+    out = []
+    for name in ("hf", "jax"):
+        r = res[name]
+        steps = r.pop("steps")
+        prefill, total = steps["prefill"]["median_s"], steps["generate"]["median_s"]
+        r.update(prefill_ms=1e3 * prefill, generate_ms=1e3 * total,
+                 decode_tok_s=batch * (args.new_tokens - 1) / max(total - prefill, 1e-9))
+        out.append(r)
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -130,7 +136,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of timed steps (median)")
+    parser.add_argument("--budget-s", type=float, default=20.0, help="a step leaves the rounds after 3 runs and this")
     parser.add_argument("--cores", type=int, default=None, help="pin each process to this many cores")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="writes bench_generate[_coresN].json and .png here")
@@ -143,7 +150,7 @@ def main() -> None:
         print(f"{'batch':>5} | {'HF prefill ms':>13} {'HF tok/s':>9} | {'dsv3 prefill ms':>15} {'dsv3 tok/s':>10} "
               f"{'compile s':>9} | {'decode ratio':>12} {'prefill ratio':>13} | tokens equal | RSS MiB HF/dsv3")
         for batch in [int(b) for b in args.batches.split(",")]:
-            hf, jx = run(hf_child, args, directory, batch), run(jax_child, args, directory, batch)
+            hf, jx = run_pair(args, directory, batch)
             print(f"{batch:>5} | {hf['prefill_ms']:>13.1f} {hf['decode_tok_s']:>9.1f} | {jx['prefill_ms']:>15.1f} "
                   f"{jx['decode_tok_s']:>10.1f} {jx['compile_s']:>9.1f} | "
                   f"{jx['decode_tok_s'] / hf['decode_tok_s']:>11.2f}x {hf['prefill_ms'] / jx['prefill_ms']:>12.2f}x"
