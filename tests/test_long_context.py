@@ -83,6 +83,25 @@ def test_chunked_prefill_logits_equal_naive_forward(variables):
     assert got == [expected]
 
 
+def test_first_prefill_chunk_per_head_equals_absorbed(variables):
+    """The chunk that creates the latent cache attends its own tokens per head (`MLA._decode`); given an existing
+    all-zero cache the same chunk takes the absorbed path over every slot. Hidden states and the written cache
+    agree (float32, atol 1e-5), so the shortcut changes only the cost."""
+    model = d.Transformer(NAIVE, 64)
+    tokens = jnp.asarray(random_tokens(NAIVE, 2, 24, seed=7))
+    positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), (2, 24))
+    params = {"params": variables["params"], "router": variables["router"]}
+    fresh_BTD, fresh = model.apply(params, tokens, positions, method=d.Transformer.hidden_states, mutable=["cache"])
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, fresh["cache"])
+    absorbed_BTD, absorbed = model.apply({**params, "cache": zeros}, tokens, positions,
+                                         method=d.Transformer.hidden_states, mutable=["cache"])
+    np.testing.assert_allclose(fresh_BTD, absorbed_BTD, atol=1e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(fresh_BTD))) > 0.1
+    for a, b in zip(jax.tree_util.tree_leaves(fresh["cache"]), jax.tree_util.tree_leaves(absorbed["cache"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_yarn_tables_match_hf_up_to_max_positions():
     """cos/sin of the 671B rope (yarn factor 40, original 4096) equal HF's DeepseekV3 rotary embedding at positions
     on both sides of 4096 and up to max_position_embeddings - 1, to the precision float32 angles allow (both

@@ -67,17 +67,25 @@ class MLA(nn.Module):
             q_BTHK = self._query(x_BTD).reshape(b, t, h, c.qk_head_dim)
             qnope_BTHN, qpe_BTHR = jnp.split(q_BTHK, [n], axis=-1)
             ckv_BSC, kpe_BSR = self._latent(x_BTD)
-            kv_BSHJ = dense(ckv_BSC, wkv_b, c.matmul_policy).reshape(b, t, h, n + u)
-            knope_BSHN, v_BSHU = jnp.split(kv_BSHJ, [n], axis=-1)
             cos, sin = rotary_tables(c, positions_BT)
             qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
             kpe_BSR = apply_rotary(kpe_BSR, cos, sin)
+        return self._output(self._attend_tokens(qnope_BTHN, qpe_BTHR, ckv_BSC, kpe_BSR, positions_BT, wkv_b), wo)
+
+    def _attend_tokens(self, qnope_BTHN, qpe_BTHR, ckv_BSC, kpe_BSR, positions_BT, wkv_b) -> jax.Array:
+        """Per-head keys and values expanded from the same tokens' latents (rotary parts already applied), then
+        causal attention among those tokens → [B,T,H,U]."""
+        c = self.config
+        b, t, h = qnope_BTHN.shape[:3]
+        n, u = c.qk_nope_head_dim, c.v_head_dim
+        with jax.named_scope("mla_project"):
+            kv_BSHJ = dense(ckv_BSC, wkv_b, c.matmul_policy).reshape(b, t, h, n + u)
+            knope_BSHN, v_BSHU = jnp.split(kv_BSHJ, [n], axis=-1)
         with jax.named_scope("mla_attend"):
             q_BTHK = jnp.concatenate([qnope_BTHN, qpe_BTHR], axis=-1)
             k_BSHK = jnp.concatenate([knope_BSHN, jnp.broadcast_to(kpe_BSR[:, :, None], (b, t, h, kpe_BSR.shape[-1]))],
                                      axis=-1)
-            out_BTHU = attention(q_BTHK, k_BSHK, v_BSHU, positions_BT, positions_BT, c)
-        return self._output(out_BTHU, wo)
+            return attention(q_BTHK, k_BSHK, v_BSHU, positions_BT, positions_BT, c)
 
     def _output(self, out_BTHU: jax.Array, wo: jax.Array) -> jax.Array:
         b, t = out_BTHU.shape[:2]
@@ -88,7 +96,9 @@ class MLA(nn.Module):
     def _decode(self, x_BTD, positions_BT, wkv_b, wo) -> jax.Array:
         """Absorbed attention: write (c_kv, rotated k_pe) of the new tokens at their positions, attend the cache.
 
-        The cache has S = cache_len slots; slot s holds the token at position s of that row.
+        The cache has S = cache_len slots; slot s holds the token at position s of that row. A chunk that creates
+        the cache (the first chunk of a prefill, positions from 0) attends only its own tokens: it takes the per-head
+        path instead, over T keys rather than all S slots and without the absorbed projections.
         """
         c = self.config
         b, t, _ = x_BTD.shape
@@ -98,7 +108,11 @@ class MLA(nn.Module):
         ckv_BTC, kpe_BTR = self._latent(x_BTD)
         cos, sin = rotary_tables(c, positions_BT)
         qpe_BTHR = apply_rotary(qpe_BTHR, cos[:, :, None, :], sin[:, :, None, :])
-        ckv_BSC, kpe_BSR = self._write_cache(ckv_BTC, apply_rotary(kpe_BTR, cos, sin), positions_BT)
+        kpe_BTR = apply_rotary(kpe_BTR, cos, sin)
+        fresh = not self.has_variable(CACHE_COLLECTION, "ckv")
+        ckv_BSC, kpe_BSR = self._write_cache(ckv_BTC, kpe_BTR, positions_BT)
+        if fresh and t > 1:
+            return self._output(self._attend_tokens(qnope_BTHN, qpe_BTHR, ckv_BTC, kpe_BTR, positions_BT, wkv_b), wo)
         wkv_CHJ = as_dense(wkv_b, x_BTD.dtype).reshape(c.kv_lora_rank, h, n + u)
         with jax.named_scope("mla_absorbed"):
             qlat_BTHC = einsum("bthn,chn->bthc", qnope_BTHN, wkv_CHJ[..., :n])
