@@ -16,27 +16,24 @@ Prints:
   2. The MoE layer alone (top-k 4, batch x seq tokens) for 8, 64, 256 routed experts (n_group 4, topk_group 2):
      dsv3-jax moe_impl "blocks", "ragged", "dense" (jitted, median ms, compiled temp MiB) next to HF DeepseekV3MoE on
      the same weights with experts "grouped_mm" (HF default) and "eager", plus max |out diff| (HF vs first impl).
-     Both processes stay alive and every cell runs once per round, in turn (`interleave.py`): this machine's speed
-     drifts by up to 2x within minutes, and timing one framework's cells after the other's put that drift into
-     the ratios and the 8 -> 256 growth. A cell leaves the rounds after --moe-repeats, or at 2 runs once it has
-     spent --budget-s.
+     A cell leaves the rounds after --moe-repeats, or at 2 runs once it has spent --budget-s.
   3. A one-line summary of the key ratios, the load average; compile times per row.
 Writes --out/bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks).
 
 Each side runs in its own spawned process: torch and XLA never share a process (their thread pools would fight over
-the cores) and peak RSS is per framework. Timings on a machine shared with other jobs are noisy; torch with as many
+the cores) and peak RSS is per framework. In each section both processes stay alive and every call (forward,
+part, MoE cell) runs once per round, in turn (`interleave.py`): this machine's speed drifts by up to 2x within
+minutes, and timing one framework after the other put that drift into the ratios and the 8 -> 256 growth.
+Timings on a machine shared with other jobs are noisy; torch with as many
 threads as cores is hit hardest (OpenMP barriers stall when a core is taken), so compare the min row or use --cores 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import resource
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,32 +50,6 @@ PARTS = ("mla", "moe", "mlp", "head")
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, budget_s: float,
-            min_runs: int = 3) -> tuple[float, float]:
-    """(median, min) wall time of `fn()` in ms after `warmup` calls; stops once `budget_s` is spent (>= min_runs)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
-
-
-def median_ms(fn: Callable[[], Any], warmup: int, repeats: int, budget_s: float, min_runs: int = 3) -> float:
-    """Median wall time of `fn()` in ms (see `time_ms`)."""
-    return time_ms(fn, warmup, repeats, budget_s, min_runs)[0]
-
-
-def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
-    """Run `fn(*args)` in a fresh spawned process and return its result dict."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def pin_cores(cores: int | None) -> int:
@@ -111,8 +82,9 @@ def preset_config(preset: str, **overrides: Any):
 
 # ---------------------------------------------------------------- section 1: whole-model forward
 
-def hf_forward_child(args: argparse.Namespace, workdir: str) -> dict:
-    """Build a random HF model, save it to `workdir`, time its forward (and parts); logits → workdir/hf_logits.npy."""
+def hf_forward_setup(args: argparse.Namespace, workdir: str):
+    """Build a random HF model, save it to `workdir` (logits → workdir/hf_logits.npy): steps "forward" and the
+    parts, finish → facts, for `interleave.run_interleaved`."""
     threads = torch_setup(args)
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -130,17 +102,24 @@ def hf_forward_child(args: argparse.Namespace, workdir: str) -> dict:
                 module.e_score_correction_bias.uniform_(-0.05, 0.05)
     model.save_pretrained(workdir)
     ids = torch.from_numpy(make_tokens(cfg.vocab_size, args.batch, args.seq).astype(np.int64))
-    with torch.no_grad():
-        ms, min_ms = time_ms(lambda: model(input_ids=ids, use_cache=False), args.warmup, args.repeats, args.budget_s)
-        np.save(os.path.join(workdir, "hf_logits.npy"), model(input_ids=ids, use_cache=False).logits.numpy())
-        parts = hf_parts(args, model) if args.parts else {}
-    return {"ms": ms, "min_ms": min_ms, "rss": peak_rss_mib(), "rss_import": rss0, "threads": threads,
-            "attn": model.config._attn_implementation, "parts": parts,
-            "experts": getattr(model.config, "_experts_implementation", "?")}
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    forward = no_grad(lambda: model(input_ids=ids, use_cache=False))
+    np.save(os.path.join(workdir, "hf_logits.npy"), forward().logits.numpy())
+    steps = {"forward": forward, **{name: no_grad(fn) for name, fn in (hf_parts(args, model) if args.parts
+                                                                       else {}).items()}}
+    return steps, lambda: {"rss": peak_rss_mib(), "rss_import": rss0, "threads": threads,
+                           "attn": model.config._attn_implementation,
+                           "experts": getattr(model.config, "_experts_implementation", "?")}
 
 
-def hf_parts(args: argparse.Namespace, model) -> dict[str, float]:
-    """Median ms of layer 1's attention and MoE, layer 0's dense MLP and the head, alone, on a random [B,T,D]."""
+def hf_parts(args: argparse.Namespace, model) -> dict[str, Callable[[], Any]]:
+    """Calls of layer 1's attention and MoE, layer 0's dense MLP and the head, alone, on a random [B,T,D]."""
     import torch
 
     x = torch.randn(args.batch, args.seq, model.config.hidden_size)
@@ -151,11 +130,12 @@ def hf_parts(args: argparse.Namespace, model) -> dict[str, float]:
     layer0, layer1 = model.model.layers[0], model.model.layers[1]
     calls = {"mla": lambda: layer1.self_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=mask),
              "moe": lambda: layer1.mlp(x), "mlp": lambda: layer0.mlp(x), "head": lambda: model.lm_head(x)}
-    return {name: median_ms(calls[name], args.warmup, args.repeats, args.budget_s) for name in PARTS}
+    return {name: calls[name] for name in PARTS}
 
 
-def jax_forward_child(args: argparse.Namespace, workdir: str) -> dict:
-    """Load the HF checkpoint with load_hf_directory, time `dsv3_jax.forward`, the raw compiled call and parts."""
+def jax_forward_setup(args: argparse.Namespace, workdir: str):
+    """Load the HF checkpoint with load_hf_directory: steps "forward" (`dsv3_jax.forward`), "raw" (the compiled
+    call) and the parts; finish → compile time, memory, logit diff, for `interleave.run_interleaved`."""
     pin_cores(args.cores)
     import jax
 
@@ -171,21 +151,20 @@ def jax_forward_child(args: argparse.Namespace, workdir: str) -> dict:
     compiled = jax.jit(lambda v, t: Transformer(config).apply(v, t)[0]).lower(variables, tokens_dev).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    ms, min_ms = time_ms(lambda: dsv3_jax.forward(config, variables, tokens).block_until_ready(),
-                         args.warmup, args.repeats, args.budget_s)
-    raw_ms = median_ms(lambda: compiled(variables, tokens_dev).block_until_ready(), args.warmup, args.repeats,
-                       args.budget_s)
     logits = np.asarray(dsv3_jax.forward(config, variables, tokens))
     hf_logits = np.load(os.path.join(workdir, "hf_logits.npy"))
-    return {"ms": ms, "min_ms": min_ms, "raw_ms": raw_ms, "compile_s": compile_s, "rss": peak_rss_mib(),
-            "rss_import": rss0, "arg": mem.argument_size_in_bytes, "out": mem.output_size_in_bytes,
-            "temp": mem.temp_size_in_bytes, "maxdiff": float(np.max(np.abs(logits - hf_logits))),
-            "maxlogit": float(np.max(np.abs(hf_logits))), "impl": config.moe_impl, "backend": jax.default_backend(),
-            "parts": jax_parts(args, config, variables) if args.parts else {}}
+    steps = {"forward": lambda: dsv3_jax.forward(config, variables, tokens).block_until_ready(),
+             "raw": lambda: compiled(variables, tokens_dev).block_until_ready(),
+             **(jax_parts(args, config, variables) if args.parts else {})}
+    return steps, lambda: {
+        "compile_s": compile_s, "rss": peak_rss_mib(), "rss_import": rss0, "arg": mem.argument_size_in_bytes,
+        "out": mem.output_size_in_bytes, "temp": mem.temp_size_in_bytes,
+        "maxdiff": float(np.max(np.abs(logits - hf_logits))), "maxlogit": float(np.max(np.abs(hf_logits))),
+        "impl": config.moe_impl, "backend": jax.default_backend()}
 
 
-def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, float]:
-    """Median ms of one MLA, one MoE (first MoE layer), the dense MLP and the head, each jitted alone."""
+def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, Callable[[], Any]]:
+    """Calls of one MLA, one MoE (first MoE layer), the dense MLP and the head, each jitted alone."""
     import jax
     import jax.numpy as jnp
 
@@ -208,8 +187,7 @@ def jax_parts(args: argparse.Namespace, config, variables: dict) -> dict[str, fl
                 {"params": layer0(p["dense_layers"]["layers"]["mlp"])}),
         "head": (jax.jit(lambda w, x: jnp.einsum("btd,dv->btv", x, w)), p["lm_head"]),
     }
-    return {name: median_ms(lambda f=f, v=v: f(v, x).block_until_ready(), args.warmup, args.repeats, args.budget_s)
-            for name, (f, v) in fns.items()}
+    return {name: lambda f=f, v=v: f(v, x).block_until_ready() for name, (f, v) in fns.items()}
 
 
 # ---------------------------------------------------------------- section 2: MoE layer alone
@@ -295,16 +273,34 @@ def hf_moe_setup(args: argparse.Namespace, workdir: str):
     return steps, lambda: info
 
 
-def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
-    """Section 2, both frameworks alive and their cells timed in turn (`interleave.py`): (jax, hf) as
-    {experts: {impl: median ms, ...}}."""
+def run_forward(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
+    """Section 1, both frameworks alive and their calls timed in turn (`interleave.py`): (hf, jax) with "ms",
+    "min_ms", "parts" (median ms each) and, for jax, "raw_ms"."""
+    res = _interleaved({"hf": (hf_forward_setup, (args, workdir)), "jax": (jax_forward_setup, (args, workdir))},
+                       warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s)
+    for r in res.values():
+        steps = r.pop("steps")
+        r.update(ms=steps["forward"]["median_s"] * 1e3, min_ms=steps["forward"]["min_s"] * 1e3,
+                 parts={name: steps[name]["median_s"] * 1e3 for name in PARTS if name in steps})
+        if "raw" in steps:
+            r["raw_ms"] = steps["raw"]["median_s"] * 1e3
+    return res["hf"], res["jax"]
+
+
+def _interleaved(jobs: dict, **kwargs) -> dict:
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from interleave import run_interleaved
 
-    res = run_interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
-                          warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
+    return run_interleaved(jobs, **kwargs)
+
+
+def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
+    """Section 2, both frameworks alive and their cells timed in turn (`interleave.py`): (jax, hf) as
+    {experts: {impl: median ms, ...}}."""
+    res = _interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
+                       warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
     out = []
     for name in ("jax", "hf"):
         steps = res[name].pop("steps")
@@ -408,7 +404,7 @@ def main() -> None:
     fwd = moe = None
     with tempfile.TemporaryDirectory(prefix="bench_dsv3_") as workdir:
         if not args.skip_forward:
-            fwd = (run_isolated(hf_forward_child, args, workdir), run_isolated(jax_forward_child, args, workdir))
+            fwd = run_forward(args, workdir)
             print_forward(args, *fwd)
         if not args.skip_moe:
             moe = run_moe(args, workdir)
