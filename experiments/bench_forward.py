@@ -103,12 +103,7 @@ def hf_forward_setup(args: argparse.Namespace, workdir: str):
     model.save_pretrained(workdir)
     ids = torch.from_numpy(make_tokens(cfg.vocab_size, args.batch, args.seq).astype(np.int64))
 
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                return fn()
-        return call
-
+    no_grad = torch.no_grad()  # torch's context manager, also a decorator
     forward = no_grad(lambda: model(input_ids=ids, use_cache=False))
     np.save(os.path.join(workdir, "hf_logits.npy"), forward().logits.numpy())
     steps = {"forward": forward, **{name: no_grad(fn) for name, fn in (hf_parts(args, model) if args.parts
@@ -257,11 +252,7 @@ def hf_moe_setup(args: argparse.Namespace, workdir: str):
     import torch
 
     steps, info = {}, {}
-
-    def call(module, x):
-        with torch.no_grad():
-            return module(x)
-
+    call = torch.no_grad()(lambda module, x: module(x))
     for experts in args.experts:
         arrays = dict(np.load(os.path.join(workdir, f"moe_{experts}.npz")))
         x = torch.from_numpy(arrays["x"])

@@ -66,12 +66,7 @@ def hf_setup(args, directory: str, batch: int):
     ids = torch.from_numpy(prompts(model.config.vocab_size, batch, args.prompt_len))
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=args.new_tokens)
 
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                return fn()
-        return call
-
+    no_grad = torch.no_grad()  # torch's context manager, also a decorator
     no_grad(lambda: model.generate(ids, max_new_tokens=2, **kwargs))()  # warm-up
     full = no_grad(lambda: model.generate(ids, max_new_tokens=args.new_tokens, **kwargs))
     tokens = full()[:, args.prompt_len:].numpy()

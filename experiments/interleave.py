@@ -24,7 +24,8 @@ PAUSE_S = 0.05  # between two variants' steps: lets the last one's worker thread
 
 
 def _serve(conn, setup: Callable, args: tuple) -> None:
-    """Child: set up, say "ready" (or the error), then run a step per "step" and reply its seconds."""
+    """Child: set up, reply "ready" with the step keys (or the error), then run the step each key names and
+    reply its seconds, until "finish" (reply finish()'s dict)."""
     try:
         steps, finish = setup(*args)
     except BaseException as e:  # reported to the parent, which raises it
