@@ -103,7 +103,7 @@ def jax_setup(case: dict, mtp_layers: int, args: argparse.Namespace):
 
     model = model_for(case["model"], mtp_layers)
     tc = train_config(case)
-    optimizer = make_optimizer(tc, flat=True)  # as `dsv3 train` on one device
+    optimizer = make_optimizer(tc)  # as `dsv3 train`: Adam moments per parameter
     state = init_state(init_variables(model, args.seed), optimizer)
     batch = jax.device_put(make_batch(model.vocab_size, case["batch"], case["seq"], args.seed))
     step_fn = jit_train_step(make_train_step(model, tc, optimizer))

@@ -141,7 +141,7 @@ def jax_small_section(args, peak: dict) -> dict:
                                     "hbm_util": weight_bytes / step_s / 1e9 / peak["gbs"] if step_s and peak["gbs"]
                                     else None}
     tc = TrainConfig(batch_size=b, seq_len=t, lr=1e-3, warmup_steps=1)
-    optimizer = make_optimizer(tc, flat=True)  # as `dsv3 train` on one device
+    optimizer = make_optimizer(tc)  # as `dsv3 train`: Adam moments per parameter
     state = {"s": init_state(d.init_variables(config, 0), optimizer)}
     batch = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1)}
     step = jit_train_step(make_train_step(config, tc, optimizer))

@@ -625,7 +625,7 @@ def test_resume_with_another_model_config_names_the_field(nan_run, field, value)
 
 
 def test_resume_on_a_mesh_from_a_single_device_checkpoint_is_refused(nan_run):
-    """A one-device run keeps its Adam moments flat: resuming its checkpoint under a mesh says so, keeps it."""
+    """Resuming a one-device run's checkpoint under a mesh is refused with the fix; the checkpoint is kept."""
     from dsv3_jax.errors import TrainingError
     from dsv3_jax.parallel.api import mesh_train_step
     from dsv3_jax.train.loop import train
@@ -633,9 +633,59 @@ def test_resume_on_a_mesh_from_a_single_device_checkpoint_is_refused(nan_run):
     rc, out, _ = nan_run
     before = sorted(os.listdir(os.path.join(out, "checkpoints")))
     other = dataclasses.replace(rc, run=dataclasses.replace(rc.run, mesh="cpu-8-seq"))
-    with pytest.raises(TrainingError, match=r"saved by a run on one device .* resume it with run.mesh = None"):
+    refusal = r"saved by a run on one device; this run is on a mesh: resume it with run.mesh = None"
+    with pytest.raises(TrainingError, match=refusal):
         train(other, out, log=lambda *_: None, sharded_step=mesh_train_step)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+
+
+def test_runs_record_per_parameter_moments(nan_run):
+    """A run saves its Adam moments per parameter and says so in each checkpoint's meta."""
+    from dsv3_jax.train.loop import PER_PARAMETER, saved_moments
+
+    _, out, _ = nan_run
+    assert saved_moments(out) == PER_PARAMETER
+
+
+@pytest.mark.parametrize("meta, kind", [
+    ({"run_config": {"run": {"mesh": None}}}, "flat"),  # one device, saved before the field existed
+    ({"run_config": {"run": {"mesh": "cpu-8"}}}, "per_parameter"),  # a mesh run always was
+    ({"run_config": {"run": {"mesh": None}}, "moments": "per_parameter"}, "per_parameter"),
+    ({"run_config": {"run": {"mesh": None}}, "moments": "flat"}, "flat"),
+])
+def test_checkpoint_moments_kind(meta, kind):
+    from dsv3_jax.train.loop import moments_of
+
+    assert moments_of(meta) == kind
+
+
+def test_flat_moments_checkpoint_resumes_with_the_flat_optimizer(tmp_path, monkeypatch):
+    """A one-device checkpoint from before per-parameter moments (one flat mu / nu, no "moments" in its meta) resumes
+    with the flat optimizer: the resumed run ends where an uninterrupted flat run does, bit for bit."""
+    from dsv3_jax.train import loop
+
+    table = {"model": MODEL_TABLE, "data": {"corpus": "stdlib", "max_bytes": 20000, "tokenizer": "byte"},
+             "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "warmup_steps": 1},
+             "run": {"ckpt_every": 2, "sample_tokens": 0, "log_every": 1000}}
+    rc = run_config_from_dict(table)
+    def old_save(manager, step, state, batches, rc, out_dir, moments):  # the trainer's save before the field
+        import orbax.checkpoint as ocp
+
+        meta = {"step": step, "data_state": batches.state(), "run_config": json.loads(json.dumps(rc.to_dict()))}
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    with monkeypatch.context() as m:  # the old trainer: flat moments on one device
+        m.setattr(loop, "saved_moments", lambda out_dir: loop.FLAT)
+        whole = loop.train(rc, str(tmp_path / "whole"), log=lambda *_: None)["state"]
+        m.setattr(loop, "_save", old_save)
+        loop.train(dataclasses.replace(rc, train=dataclasses.replace(rc.train, steps=2)), str(tmp_path / "cut"),
+                   log=lambda *_: None)
+    logs = []
+    resumed = loop.train(rc, str(tmp_path / "cut"), log=logs.append)["state"]
+    assert logs and logs[0].startswith("resumed from step 2")
+    assert jax.tree_util.tree_structure(resumed) == jax.tree_util.tree_structure(whole)
+    for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(whole), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("text, name", [
