@@ -99,11 +99,13 @@ def make_optimizer(tc: TrainConfig, *, flat: bool = False) -> optax.GradientTran
 
     flat=True runs the clip and the Adam moments on one vector of every parameter (`optax.flatten`), then the
     masked decay and the lr per leaf: the same update (the global norm summed in another order), with one [P] mu
-    and nu instead of a pair per leaf. One-device runs used it until 2026-12-08 (fewer kernels: the cold compile
-    was 1-2 s shorter), and `train.loop` still resumes their checkpoints with it (`loop.saved_moments`). The
-    per-leaf chain is the default: its train step is 8-9% faster on the CPU (in-process, in turn, medians:
-    tiny_stdlib 460 → 425 ms, `small` 1209 → 1102 ms), though the flat update alone is only ~4 ms slower (14.8 vs
-    10.6 ms): the rest shows only inside the whole step (not traced to one op).
+    and nu instead of a pair per leaf. One-device runs used it until 2026-12-08, for its fewer kernels, and
+    `train.loop` still resumes their checkpoints with it (`loop.saved_moments`). The per-leaf chain is the default:
+    its train step is 8-9% faster on the CPU (in-process, in turn, medians: tiny_stdlib 460 → 425 ms, with MTP
+    606 → 550 ms; `small` 1209 → 1102 ms), though the flat update alone is only ~4 ms slower (14.8 vs 10.6 ms):
+    the rest shows only inside the whole step (not traced to one op). Its cold compile is longer: tiny_stdlib with
+    MTP 18.3-19.4 → 21.7-24.6 s (fresh processes, 1069 → 1192 fusions), without MTP ~1 s; over the README's
+    300-step run the faster steps win back ~4x what the compile costs.
     """
     mu_dtype = jnp.bfloat16 if tc.moment_dtype == "bfloat16" else None
     clip = optax.clip_by_global_norm(tc.clip_norm)
