@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -524,8 +525,8 @@ def test_weight_decay_skips_norms(variables, flat):
 
 
 def test_flat_optimizer_equals_per_leaf(variables):
-    """make_optimizer(flat=True) (single-device runs) takes the same steps as the per-leaf chain: clip, Adam, masked
-    decay and the lr schedule, its moments one vector each."""
+    """make_optimizer(flat=True) (what flat one-device checkpoints resume with) takes the same steps as the per-leaf
+    chain: clip, Adam, masked decay and the lr schedule, its moments one vector each."""
     tc = TrainConfig(lr=1e-2, warmup_steps=2, decay_start=3, steps=6, weight_decay=0.1, clip_norm=0.5)
     params = variables["params"]
     size = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -625,26 +626,48 @@ def test_resume_with_another_model_config_names_the_field(nan_run, field, value)
 
 
 def test_resume_on_a_mesh_from_a_single_device_checkpoint_is_refused(nan_run):
-    """Resuming a one-device run's checkpoint under a mesh is refused with the fix; the checkpoint is kept."""
+    """Resuming a one-device run's checkpoint under a mesh is refused with the fix; the checkpoint and the run's
+    config.json are kept."""
     from dsv3_jax.errors import TrainingError
     from dsv3_jax.parallel.api import mesh_train_step
     from dsv3_jax.train.loop import train
 
     rc, out, _ = nan_run
     before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config_before = f.read()
     other = dataclasses.replace(rc, run=dataclasses.replace(rc.run, mesh="cpu-8-seq"))
     refusal = r"saved by a run on one device; this run is on a mesh: resume it with run.mesh = None"
     with pytest.raises(TrainingError, match=refusal):
         train(other, out, log=lambda *_: None, sharded_step=mesh_train_step)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        assert f.read() == config_before  # the refused run recorded nothing (a later load_run still works)
+
+
+def _moment_shapes(opt_state) -> list[tuple]:
+    """Shapes of the Adam state's arrays (the step count left out)."""
+    return [x.shape for x in jax.tree_util.tree_leaves(opt_state) if x.ndim]
 
 
 def test_runs_record_per_parameter_moments(nan_run):
-    """A run saves its Adam moments per parameter and says so in each checkpoint's meta."""
-    from dsv3_jax.train.loop import PER_PARAMETER, saved_moments
+    """A run keeps its Adam moments per parameter (a mu and a nu shaped like each parameter) and says so in every
+    checkpoint's meta."""
+    import orbax.checkpoint as ocp
+
+    from dsv3_jax.train.loop import PER_PARAMETER, load_run
 
     _, out, _ = nan_run
-    assert saved_moments(out) == PER_PARAMETER
+    manager = ocp.CheckpointManager(os.path.join(out, "checkpoints"), item_names=("state", "meta"))
+    steps = manager.all_steps()
+    assert len(steps) >= 2
+    for step in steps:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        assert meta["moments"] == PER_PARAMETER
+    saved = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    params = [p.shape for p in jax.tree_util.tree_leaves(load_run(out)[1]["params"])]
+    assert _moment_shapes(saved["opt_state"]) == params * 2  # mu and nu, each shaped like the parameters
 
 
 @pytest.mark.parametrize("meta, kind", [
@@ -659,6 +682,27 @@ def test_checkpoint_moments_kind(meta, kind):
     assert moments_of(meta) == kind
 
 
+def test_load_run_without_checkpoints_says_so_and_creates_nothing(nan_run, tmp_path):
+    from dsv3_jax.errors import TrainingError
+    from dsv3_jax.train.loop import load_run
+
+    _, out, _ = nan_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text((Path(out) / "config.json").read_text())
+    with pytest.raises(TrainingError, match="no checkpoint to load"):
+        load_run(str(run))
+    assert sorted(os.listdir(run)) == ["config.json"]
+
+
+def test_unknown_checkpoint_moments_is_named():
+    from dsv3_jax.errors import TrainingError
+    from dsv3_jax.train.loop import moments_of
+
+    with pytest.raises(TrainingError, match=r"run/checkpoints/7: unknown \"moments\" 'dense'"):
+        moments_of({"run_config": {"run": {"mesh": None}}, "moments": "dense"}, "run/checkpoints/7")
+
+
 def test_flat_moments_checkpoint_resumes_with_the_flat_optimizer(tmp_path, monkeypatch):
     """A one-device checkpoint from before per-parameter moments (one flat mu / nu, no "moments" in its meta) resumes
     with the flat optimizer: the resumed run ends where an uninterrupted flat run does, bit for bit."""
@@ -668,6 +712,7 @@ def test_flat_moments_checkpoint_resumes_with_the_flat_optimizer(tmp_path, monke
              "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "warmup_steps": 1},
              "run": {"ckpt_every": 2, "sample_tokens": 0, "log_every": 1000}}
     rc = run_config_from_dict(table)
+
     def old_save(manager, step, state, batches, rc, out_dir, moments):  # the trainer's save before the field
         import orbax.checkpoint as ocp
 
@@ -680,9 +725,13 @@ def test_flat_moments_checkpoint_resumes_with_the_flat_optimizer(tmp_path, monke
         m.setattr(loop, "_save", old_save)
         loop.train(dataclasses.replace(rc, train=dataclasses.replace(rc.train, steps=2)), str(tmp_path / "cut"),
                    log=lambda *_: None)
+    size = sum(x.size for x in jax.tree_util.tree_leaves(whole.params))
+    assert _moment_shapes(whole.opt_state) == [(size,), (size,)]  # the old trainer's flat mu and nu
+    loop.load_run(str(tmp_path / "cut"))  # loads with the flat optimizer
     logs = []
     resumed = loop.train(rc, str(tmp_path / "cut"), log=logs.append)["state"]
     assert logs and logs[0].startswith("resumed from step 2")
+    assert loop.saved_moments(str(tmp_path / "cut")) == loop.FLAT  # and goes on saving flat
     assert jax.tree_util.tree_structure(resumed) == jax.tree_util.tree_structure(whole)
     for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(whole), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

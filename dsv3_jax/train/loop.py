@@ -42,6 +42,8 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = ".lock"
 VOCAB_MULTIPLE = 64  # padded vocabulary: divisible by any mesh axis the vocab is sharded over
+FLAT, PER_PARAMETER = "flat", "per_parameter"  # checkpoint meta "moments": how the state holds the Adam moments
+ITEMS = ("state", "meta")  # the items of each checkpoint step
 
 
 def model_config_for(rc: RunConfig, vocab_size: int) -> ModelConfig:
@@ -188,27 +190,71 @@ def build_data(rc: RunConfig, out_dir: str, recorded: bool = True):
 # ---------------------------------------------------------------- checkpoints
 
 
+def _checkpoint_dir(out_dir: str) -> str:
+    return os.path.abspath(os.path.join(out_dir, "checkpoints"))
+
+
 def _manager(out_dir: str, rc: RunConfig) -> ocp.CheckpointManager:
+    """The trainer's manager: creates the directory, removes what a save cut short left (disk full, SIGKILL)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=rc.run.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True)  # a save cut short (disk full, SIGKILL)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options,
-                                 item_names=("state", "meta"))
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(_checkpoint_dir(out_dir), options=options, item_names=ITEMS)
+
+
+@contextlib.contextmanager
+def _reader(out_dir: str):
+    """A manager that only reads out_dir's checkpoints (creates and removes nothing: a trainer may be saving), or
+    None when there is no checkpoint directory."""
+    directory = _checkpoint_dir(out_dir)
+    if not os.path.isdir(directory):
+        yield None
+        return
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False), item_names=ITEMS)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def _latest_meta(manager) -> tuple[int | None, dict | None]:
+    """(latest step, its meta), (None, None) when there is no checkpoint."""
+    step = None if manager is None else manager.latest_step()
+    if step is None:
+        return None, None
+    return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _saved_mesh(meta: dict) -> str | None:
+    return meta["run_config"].get("run", {}).get("mesh")
 
 
 def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
-    step = manager.latest_step()
+    step, meta = _latest_meta(manager)
     if step is None:
         return None, None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    _check_resumable(step, meta, rc, out_dir)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"], meta
+
+
+def _check_resumable(step: int, meta: dict, rc: RunConfig, out_dir: str) -> None:
+    """Refuse a checkpoint saved with another model (names the field) or on the other kind of run (one device /
+    mesh), before its state is read."""
     _compare(meta["run_config"], rc, out_dir, "checkpoint")  # before the state: a shape mismatch must name the field
-    saved_mesh = meta["run_config"].get("run", {}).get("mesh")
+    saved_mesh = _saved_mesh(meta)
     if (saved_mesh is None) != (rc.run.mesh is None):
         kinds = {True: "one device", False: "a mesh"}
         raise TrainingError(f"{out_dir}: checkpoint step {step} was saved by a run on {kinds[saved_mesh is None]}; "
                             f"this run is on {kinds[rc.run.mesh is None]}: resume it with run.mesh = {saved_mesh!r} "
                             "(the checkpoint is kept as it is)")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"], meta
+
+
+def _check_latest_checkpoint(rc: RunConfig, out_dir: str) -> None:
+    """`_check_resumable` on the latest checkpoint, read only: before the run writes its config.json."""
+    with _reader(out_dir) as manager:
+        step, meta = _latest_meta(manager)
+    if step is not None:
+        _check_resumable(step, meta, rc, out_dir)
 
 
 def _guarded_save(out_dir: str, step: int, save) -> None:
@@ -304,10 +350,7 @@ class _Prepared:
     shardings: object
 
 
-FLAT, PER_PARAMETER = "flat", "per_parameter"  # checkpoint meta "moments": how the state holds the Adam moments
-
-
-def run_optimizer(rc: RunConfig, moments: str = PER_PARAMETER):
+def run_optimizer(rc: RunConfig, moments: str):
     """The run's optimizer: Adam moments per parameter (sharded like the parameters under a mesh), or in one flat
     vector (`moments == FLAT`) to resume a one-device checkpoint saved that way; see `make_optimizer`."""
     return make_optimizer(rc.train, flat=moments == FLAT)
@@ -316,29 +359,21 @@ def run_optimizer(rc: RunConfig, moments: str = PER_PARAMETER):
 def saved_moments(out_dir: str) -> str:
     """How the latest checkpoint in `out_dir` holds its Adam moments (PER_PARAMETER when there is none).
 
-    One-device runs kept them in one flat vector until 2026-12-08; their checkpoints have no "moments" field, so
-    such a checkpoint resumes (and loads) with the flat optimizer it was saved with. Per-parameter moments are
-    now the default everywhere: the flat chain compiled faster but ran the train step 8-9% slower (see
-    `train.step.make_optimizer`)."""
-    directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
-    if not os.path.isdir(directory):
-        return PER_PARAMETER
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                    item_names=("state", "meta"))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            return PER_PARAMETER
-        return moments_of(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    finally:
-        manager.close()
+    One-device runs kept them in one flat vector until 2026-12-08 (why they no longer do: `make_optimizer`); their
+    checkpoints have no "moments" field, and such a checkpoint resumes and loads with the flat optimizer."""
+    with _reader(out_dir) as manager:
+        step, meta = _latest_meta(manager)
+    return PER_PARAMETER if step is None else moments_of(meta, f"{out_dir}: checkpoint step {step}")
 
 
-def moments_of(meta: dict) -> str:
+def moments_of(meta: dict, where: str = "checkpoint") -> str:
     """A checkpoint meta's "moments"; written before the field existed: FLAT for a one-device run."""
-    if "moments" in meta:
-        return meta["moments"]
-    return FLAT if meta["run_config"].get("run", {}).get("mesh") is None else PER_PARAMETER
+    if "moments" not in meta:
+        return FLAT if _saved_mesh(meta) is None else PER_PARAMETER
+    if meta["moments"] not in (FLAT, PER_PARAMETER):
+        raise TrainingError(f"{where}: unknown \"moments\" {meta['moments']!r} in its meta (expected {FLAT!r} or "
+                            f"{PER_PARAMETER!r}); the checkpoint is kept as it is")
+    return meta["moments"]
 
 
 def _prepare(rc: RunConfig, out_dir: str, sharded_step) -> _Prepared:
@@ -346,8 +381,9 @@ def _prepare(rc: RunConfig, out_dir: str, sharded_step) -> _Prepared:
     recorded = _check_recorded(out_dir, rc, skip=("vocab_size",))  # the padded vocabulary follows the tokenizer
     tokenizer, batches = build_data(rc, out_dir, recorded)
     rc = dataclasses.replace(rc, model=model_config_for(rc, tokenizer.vocab_size))
-    moments = saved_moments(out_dir) if rc.run.mesh is None else PER_PARAMETER  # (a one-device checkpoint on a
-    optimizer = run_optimizer(rc, moments)  # mesh is refused by `_restore`)
+    # Under a mesh: per parameter (`_restore` refuses a one-device checkpoint there).
+    moments = saved_moments(out_dir) if rc.run.mesh is None else PER_PARAMETER
+    optimizer = run_optimizer(rc, moments)
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, rc.train.seed), optimizer))
     step_fn, shardings = _step_function(rc, optimizer, abstract, sharded_step)
     return _Prepared(rc, tokenizer, batches, optimizer, moments, abstract, step_fn, shardings)
@@ -363,6 +399,7 @@ def train(rc: RunConfig, out_dir: str, *, log=print, sharded_step=None) -> dict:
     lock = run_lock(out_dir, log) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
         _check_recorded(out_dir, p.rc)  # again, under the lock, vocabulary included
+        _check_latest_checkpoint(p.rc, out_dir)  # a refused resume must not rewrite config.json
         _write_json_atomic(os.path.join(out_dir, CONFIG_FILE), p.rc.to_dict())
         _save_tokenizer(p.tokenizer, out_dir)
         return _train_locked(p, out_dir, log)
@@ -438,7 +475,8 @@ def load_run(out_dir: str) -> tuple[RunConfig, dict, object]:
         raise TrainingError(f"{path}: cannot read the run config ({type(e).__name__}: {e})") from None
     optimizer = run_optimizer(rc, saved_moments(out_dir))
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, 0), optimizer))
-    state, _ = _restore(_manager(out_dir, rc), abstract, rc, out_dir)
+    with _reader(out_dir) as manager:  # read only: a trainer may be saving into this directory
+        state, _ = (None, None) if manager is None else _restore(manager, abstract, rc, out_dir)
     if state is None:
         raise TrainingError(f"{out_dir}: no checkpoint to load (the run saved none yet)")
     return rc, {"params": state.params, "router": state.router}, load_tokenizer(os.path.join(out_dir, TOKENIZER_DIR))
