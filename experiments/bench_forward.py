@@ -34,12 +34,16 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleave import run_interleaved  # experiments/, also when imported from elsewhere
 
 MiB = 1024 * 1024
 PARTS = ("mla", "moe", "mlp", "head")
@@ -267,8 +271,8 @@ def hf_moe_setup(args: argparse.Namespace, workdir: str):
 def run_forward(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
     """Section 1, both frameworks alive and their calls timed in turn (`interleave.py`): (hf, jax) with "ms",
     "min_ms", "parts" (median ms each) and, for jax, "raw_ms"."""
-    res = _interleaved({"hf": (hf_forward_setup, (args, workdir)), "jax": (jax_forward_setup, (args, workdir))},
-                       warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s)
+    res = run_interleaved({"hf": (hf_forward_setup, (args, workdir)), "jax": (jax_forward_setup, (args, workdir))},
+                          warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s)
     for r in res.values():
         steps = r.pop("steps")
         r.update(ms=steps["forward"]["median_s"] * 1e3, min_ms=steps["forward"]["min_s"] * 1e3,
@@ -278,20 +282,11 @@ def run_forward(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
     return res["hf"], res["jax"]
 
 
-def _interleaved(jobs: dict, **kwargs) -> dict:
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from interleave import run_interleaved
-
-    return run_interleaved(jobs, **kwargs)
-
-
 def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
     """Section 2, both frameworks alive and their cells timed in turn (`interleave.py`): (jax, hf) as
     {experts: {impl: median ms, ...}}."""
-    res = _interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
-                       warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
+    res = run_interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
+                          warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
     out = []
     for name in ("jax", "hf"):
         steps = res[name].pop("steps")
@@ -410,10 +405,7 @@ def main() -> None:
 def write_results(args: argparse.Namespace, fwd: tuple[dict, dict] | None, moe: tuple[dict, dict] | None,
                   load: tuple[float, float, float]) -> None:
     """bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks) under --out."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import plots
+    import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
     tag = f"_cores{args.cores}" if args.cores else ""

@@ -27,6 +27,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleave import run_interleaved  # experiments/, also when imported from elsewhere
+
 
 def pin_cores(cores: int | None) -> None:
     if cores:
@@ -109,9 +112,6 @@ def peak_rss_mib() -> float:
 def run_pair(args, directory: str, batch: int) -> tuple[dict, dict]:
     """Both sides alive, their steps timed in turn (`interleave.py`): (hf, jax) with prefill ms and decode tok/s
     (the whole run less the prefill, over the tokens after the first)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from interleave import run_interleaved
-
     res = run_interleaved({"hf": (hf_setup, (args, directory, batch)), "jax": (jax_setup, (args, directory, batch))},
                           warmup=1, repeats=args.repeats, budget_s=args.budget_s)
     out = []
@@ -163,8 +163,7 @@ def main() -> None:
 
 def write_results(args, results: dict[int, dict], load) -> None:
     """bench_generate[_coresN].json (every figure but the tokens) and .png (prefill ms, decode tok/s)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import plots
+    import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
     tag = f"_cores{args.cores}" if args.cores else ""

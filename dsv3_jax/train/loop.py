@@ -229,6 +229,8 @@ def _saved_mesh(meta: dict) -> str | None:
 
 
 def _restore(manager, abstract_state, rc: RunConfig, out_dir: str):
+    """(state, meta) of the latest checkpoint, checked by `_check_resumable`; (None, None) without one (or without
+    a manager: `_reader` of a run that has no checkpoint directory)."""
     step, meta = _latest_meta(manager)
     if step is None:
         return None, None
@@ -476,7 +478,7 @@ def load_run(out_dir: str) -> tuple[RunConfig, dict, object]:
     optimizer = run_optimizer(rc, saved_moments(out_dir))
     abstract = jax.eval_shape(lambda: init_state(init_variables(rc.model, 0), optimizer))
     with _reader(out_dir) as manager:  # read only: a trainer may be saving into this directory
-        state, _ = (None, None) if manager is None else _restore(manager, abstract, rc, out_dir)
+        state, _ = _restore(manager, abstract, rc, out_dir)
     if state is None:
         raise TrainingError(f"{out_dir}: no checkpoint to load (the run saved none yet)")
     return rc, {"params": state.params, "router": state.router}, load_tokenizer(os.path.join(out_dir, TOKENIZER_DIR))
