@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dsv3_jax.host import keep_host_heap
+from dsv3_jax.host import inline_cpu_dispatch, keep_host_heap
 
-keep_host_heap()  # before XLA starts its threads: see dsv3_jax/host.py (DSV3_KEEP_HOST_HEAP=0 turns it off)
+# Before XLA starts its threads: see dsv3_jax/host.py (DSV3_INLINE_CPU_DISPATCH=0, DSV3_KEEP_HOST_HEAP=0 turn them off)
+keep_host_heap(one_arena=not inline_cpu_dispatch())
 
 _EXPORTS = {
     "PRESETS": "dsv3_jax.config",

@@ -1,13 +1,21 @@
 """Settings of the host process the package makes for itself (documented in the README, each can be turned off).
 
-`keep_host_heap()` — run when `dsv3_jax` is imported, unless `DSV3_KEEP_HOST_HEAP=0`: glibc keeps freed memory for
-reuse (one arena, no mmap'd chunks, no trimming). XLA:CPU allocates each call's temp buffer afresh (hundreds of
-MiB for a train step); glibc served it with a fresh mmap and unmapped it on free, so every call faulted every page
-in again, zeroed by the kernel: 137k–225k minor faults and 0.3–0.9 s of kernel time per train step of the "small"
-preset at 4x256 on the development machine, about a quarter of the step's CPU time; kept in the heap the buffer is
-reused and the faults go to zero. It must run before XLA starts its threads (each attaches to an arena at its
-first malloc): import dsv3_jax before running anything in JAX. The process's resident memory then stays at its
-peak (freed memory is reused, not returned). Linux with glibc only; a no-op elsewhere.
+`inline_cpu_dispatch()` and `keep_host_heap(one_arena)` — run when `dsv3_jax` is imported, before XLA starts its
+threads (import dsv3_jax before running anything in JAX). XLA:CPU allocates each call's temp buffer afresh (hundreds
+of MiB for a train step); glibc served it with a fresh mmap and unmapped it on free, so every call faulted every
+page in again, zeroed by the kernel: 137k–225k minor faults and 0.3–0.9 s of kernel time per train step of the
+"small" preset at 4x256 on the development machine, about a quarter of the step's CPU time. `keep_host_heap` (unless
+`DSV3_KEEP_HOST_HEAP=0`) has glibc keep freed memory for reuse: no mmap'd chunks, no trimming, so the buffer is
+reused; the process's resident memory stays at its peak. That holds for the main arena only: a thread on another of
+glibc's arenas (heaps of at most 64 MiB) gets any larger block mmap'd whatever the settings. JAX's CPU client ran
+programs on a worker thread, so the package used to put every thread on one arena; but XLA compiles kernels on
+two threads, and on one arena they queued on its lock. `inline_cpu_dispatch` (unless `DSV3_INLINE_CPU_DISPATCH=0`)
+sets JAX's `jax_cpu_enable_async_dispatch` to False for the process: a one-device CPU program runs in the thread
+that calls it (the main thread: the main arena) and the other threads keep their own arenas. tiny_stdlib's train
+step (MTP on) then compiled in 6.1–6.3 s instead of 8.4–8.5 and stepped in 240–243 ms instead of 294–304
+(`experiments/bench_train.py`, MTP off: 9.0 -> 5.2–5.6 s and 249 -> 183–192 ms). Programs over several devices
+dispatch as before. Where the dispatch stays asynchronous (turned off, or JAX's CPU backend already started when
+dsv3_jax is imported) `keep_host_heap(one_arena=True)` puts every thread on the one arena as before.
 
 `compiler_options(platform)` — the XLA options the package's short-lived programs (generate, stream, forward)
 compile with, unless `DSV3_XLA_CPU_OPTIONS=0`: on the CPU, LLVM at O1 instead of O3 (`CPU_COMPILER_OPTIONS`).
@@ -38,14 +46,24 @@ INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 INIT_O0_MAX_PARAMS = 1 << 24
 
 
-def keep_host_heap() -> bool:
-    """Apply the glibc settings above; True if applied."""
+def inline_cpu_dispatch() -> bool:
+    """Turn JAX's asynchronous CPU dispatch off (see above); True if one-device CPU programs will run inline."""
+    import jax  # every use of the package imports it; it starts no XLA threads
+    from jax._src import xla_bridge
+
+    if os.environ.get("DSV3_INLINE_CPU_DISPATCH", "1") != "0" and not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
+def keep_host_heap(one_arena: bool) -> bool:
+    """Apply the glibc settings above (every thread on one arena if `one_arena`); True if applied."""
     if os.environ.get("DSV3_KEEP_HOST_HEAP", "1") == "0" or not sys.platform.startswith("linux"):
         return False
+    params = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)] + ([(_M_ARENA_MAX, 1)] if one_arena else [])
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(param, value) == 1 for param, value in (
-            (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+        return all(libc.mallopt(param, value) == 1 for param, value in params)
     except (OSError, AttributeError):  # not glibc
         return False
 

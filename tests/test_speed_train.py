@@ -3,6 +3,10 @@ the scatter-free cross-entropy and the expert tiles' own backward equal plain au
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +134,20 @@ def test_cpu_compiler_options_are_cpu_only_and_overridable(monkeypatch):
     fn = lambda a: jnp.sum(jax.nn.silu(a) * jnp.tanh(a), axis=-1)  # noqa: E731
     with_options = jax.jit(fn, compiler_options=host.CPU_COMPILER_OPTIONS)(x)
     np.testing.assert_allclose(with_options, jax.jit(fn)(x), rtol=1e-6, atol=0)
+
+
+def _async_dispatch_after_import(code_before: str, **env) -> str:
+    """jax_cpu_enable_async_dispatch in a fresh process that runs `code_before`, then imports dsv3_jax."""
+    code = f"{code_before}; import dsv3_jax, jax; print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    return out.stdout.strip()
+
+
+def test_cpu_dispatch_is_inline_unless_turned_off_or_too_late():
+    """Importing dsv3_jax turns JAX's asynchronous CPU dispatch off (host.py: programs then allocate their temp
+    buffers on the main thread's glibc arena); DSV3_INLINE_CPU_DISPATCH=0 keeps it, and so does a CPU client that
+    already exists (the setting would not reach it)."""
+    assert _async_dispatch_after_import("import jax") == "False"
+    assert _async_dispatch_after_import("import jax", DSV3_INLINE_CPU_DISPATCH="0") == "True"
+    assert _async_dispatch_after_import("import jax; jax.devices()") == "True"
