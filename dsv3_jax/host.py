@@ -17,14 +17,15 @@ step (MTP on) then compiled in 6.1–6.3 s instead of 8.4–8.5 and stepped in 2
 dispatch as before. Where the dispatch stays asynchronous (turned off, or JAX's CPU backend already started when
 dsv3_jax is imported) `keep_host_heap(one_arena=True)` puts every thread on the one arena as before.
 
-`compiler_options(platform)` — the XLA options the package's short-lived programs (generate, stream, forward)
+`compiler_options(platform)` — the XLA options the package's programs (train step, generate, stream, forward)
 compile with, unless `DSV3_XLA_CPU_OPTIONS=0`: on the CPU, LLVM at O1 instead of O3 (`CPU_COMPILER_OPTIONS`).
 XLA:CPU emits every distinct fused kernel as its own LLVM module and optimises each one separately: the
 tiny_stdlib train step is 531 modules (plus 260 reused), and that per-module work, not the HLO passes (0.65 s), is
 what a cold compile spends; O1 took `small`'s first `generate` call from 7.7 / 8.6 to 5.9 / 6.8 s. The train step
-keeps O3: at O1 its cold compile was 15-20% shorter (small 11.1 / 11.3 -> 9.3 / 9.6 s) but `small`'s step ran
-5% slower (min 648 / 641 -> 684 / 681 ms, `experiments/bench_train.py` interleaved), which a run of hundreds of
-steps pays many times over. An option also named in $XLA_FLAGS is left to it.
+kept O3 until `inline_cpu_dispatch`: `small`'s step had run 5% slower at O1 (min 648 / 641 -> 684 / 681 ms,
+`experiments/bench_train.py` interleaved). Since, in one process, in turn, medians of 14-18 steps: `small` 4x256
+531 (O3) vs 511 ms (O1), tiny_stdlib 16x128 with MTP 239 vs 244 ms: level; the cold compile ~1 s shorter. An
+option also named in $XLA_FLAGS is left to it.
 
 `init_compiler_options(platform, num_params)` — the random initialisation runs once, so on the CPU a model of up
 to `INIT_O0_MAX_PARAMS` parameters compiles it at LLVM O0 (`INIT_CPU_COMPILER_OPTIONS`; same switch and same

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.host import compiler_options
+from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.moe import STATS_COLLECTION
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.train.balancing import BiasHook, balance_terms, expert_loads, per_layer_loads, sign_update, update_router
@@ -214,8 +216,10 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
 
 
 def jit_train_step(step_fn, state_shardings=None, batch_shardings=None):
-    """jit with the state donated; shardings (trees of NamedSharding) when running on a mesh."""
+    """jit with the state donated and the package's CPU compile options (`host.compiler_options`); shardings
+    (trees of NamedSharding) when running on a mesh."""
+    options = compiler_options(target_platform())
     if state_shardings is None:
-        return jax.jit(step_fn, donate_argnums=0)
+        return jax.jit(step_fn, donate_argnums=0, compiler_options=options)
     return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None))
+                   out_shardings=(state_shardings, None), compiler_options=options)
