@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dsv3_jax.host import inline_cpu_dispatch, keep_host_heap
+from dsv3_jax.host import inline_cpu_dispatch, keep_host_heap, several_cpu_devices
 
 # Before XLA starts its threads: see dsv3_jax/host.py (DSV3_INLINE_CPU_DISPATCH=0, DSV3_KEEP_HOST_HEAP=0 turn them off)
-keep_host_heap(one_arena=not inline_cpu_dispatch())
+keep_host_heap(one_arena=not inline_cpu_dispatch() or several_cpu_devices())
 
 _EXPORTS = {
     "PRESETS": "dsv3_jax.config",

@@ -14,8 +14,11 @@ sets JAX's `jax_cpu_enable_async_dispatch` to False for the process: a one-devic
 that calls it (the main thread: the main arena) and the other threads keep their own arenas. tiny_stdlib's train
 step (MTP on) then compiled in 6.1–6.3 s instead of 8.4–8.5 and stepped in 240–243 ms instead of 294–304
 (`experiments/bench_train.py`, MTP off: 9.0 -> 5.2–5.6 s and 249 -> 183–192 ms). Programs over several devices
-dispatch as before. Where the dispatch stays asynchronous (turned off, or JAX's CPU backend already started when
-dsv3_jax is imported) `keep_host_heap(one_arena=True)` puts every thread on the one arena as before.
+dispatch as before, on worker threads, so a process with several CPU devices (`several_cpu_devices()`: simulated
+meshes) keeps the one arena: on 8 devices with per-device arenas `experiments/bench_expert_parallel.py` ran 30-40%
+slower (expert-parallel forward + backward 518 vs 369 ms, the replicated layout's forward 505 vs 343 ms). So does
+a process whose dispatch stays asynchronous (turned off, or JAX's CPU backend already started when dsv3_jax is
+imported).
 
 `compiler_options(platform)` — the XLA options the package's programs (train step, generate, stream, forward)
 compile with, unless `DSV3_XLA_CPU_OPTIONS=0`: on the CPU, LLVM at O1 instead of O3 (`CPU_COMPILER_OPTIONS`).
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters (malloc.h)
@@ -55,6 +59,14 @@ def inline_cpu_dispatch() -> bool:
     if os.environ.get("DSV3_INLINE_CPU_DISPATCH", "1") != "0" and not xla_bridge.backends_are_initialized():
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     return not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
+def several_cpu_devices() -> bool:
+    """Whether this process asks for more than one CPU device (XLA_FLAGS or jax_num_cpu_devices)."""
+    import jax
+
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return (forced is not None and int(forced.group(1)) > 1) or jax.config.jax_num_cpu_devices > 1
 
 
 def keep_host_heap(one_arena: bool) -> bool:

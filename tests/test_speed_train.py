@@ -151,3 +151,15 @@ def test_cpu_dispatch_is_inline_unless_turned_off_or_too_late():
     assert _async_dispatch_after_import("import jax") == "False"
     assert _async_dispatch_after_import("import jax", DSV3_INLINE_CPU_DISPATCH="0") == "True"
     assert _async_dispatch_after_import("import jax; jax.devices()") == "True"
+
+
+def test_several_cpu_devices_reads_the_forced_count(monkeypatch):
+    """A process with a simulated mesh keeps glibc's one arena (host.py: its programs run on worker threads)."""
+    from dsv3_jax import host
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8")
+    assert host.several_cpu_devices()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert not host.several_cpu_devices()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert not host.several_cpu_devices()
