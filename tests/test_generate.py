@@ -417,3 +417,29 @@ def test_cli_generate_prints_ids(tmp_path, capsys):
     assert len(ids) == 5 and all(0 <= t < config.vocab_size for t in ids)
     loaded_config, variables = load_hf_directory(tmp_path)
     assert ids == d.generate(loaded_config, variables, [1, 2, 3], 5).tokens[0]
+
+
+def test_bfloat16_batched_decode_runs_and_equals_one_prompt_at_a_time(spec_random):
+    """A bfloat16 model decoding 3 prompts at once: its attention core's batched bf16 dots failed at run time on
+    the CPU ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32") until `quant.matmul.dot_f32`
+    widened them; each row's tokens equal that prompt decoded alone (the rows never mix)."""
+    config = dataclasses.replace(SPEC, dtype="bfloat16")
+    variables, prompts = spec_random
+    batched = d.generate(config, variables, prompts, 4, stop_ids=()).tokens
+    alone = [d.generate(config, variables, [p], 4, stop_ids=()).tokens[0] for p in prompts]
+    assert batched == alone
+    _not_flat(batched)
+
+
+def test_dot_f32_equals_the_float32_product_of_bf16_values():
+    """dot_f32 of bf16 operands equals the float32 product of the same (bf16) values: exact products, float32
+    accumulation; the batched form XLA:CPU cannot run in bf16 (see above) is among the shapes."""
+    from dsv3_jax.quant.matmul import dot_f32
+
+    rs = np.random.RandomState(0)
+    for eq, a_shape, b_shape in (("bhts,bsu->bthu", (3, 4, 1, 40), (3, 40, 16)), ("mk,kn->mn", (8, 32), (32, 16))):
+        a, b = (jnp.asarray(rs.randn(*s), jnp.bfloat16) for s in (a_shape, b_shape))
+        got = jax.jit(lambda a, b, eq=eq: dot_f32(eq, a, b))(a, b)
+        want = np.einsum(eq, np.asarray(a, np.float32), np.asarray(b, np.float32))
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -21,8 +21,8 @@ from dsv3_jax.host import compiler_options
 from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant.matmul import target_platform
 
 CACHE_BUCKET = 64  # cache slots are rounded up to a multiple of this: decode cost follows the live length
 PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer recompiles)

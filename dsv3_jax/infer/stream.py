@@ -27,8 +27,8 @@ from dsv3_jax.infer.generate import (
 from dsv3_jax.infer.sampling import Sampling, SamplingMode, sample_with
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.check import check_variables
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant.matmul import target_platform
 
 
 @functools.lru_cache(maxsize=16)

@@ -20,8 +20,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import InputError
 from dsv3_jax.host import compiler_options, init_compiler_options
 from dsv3_jax.model.axes import STACKS, VARIABLE_COLLECTIONS
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant.matmul import target_platform
 
 Variables = dict[str, Any]
 

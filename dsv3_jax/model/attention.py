@@ -21,7 +21,7 @@ from dsv3_jax.model import flash
 from dsv3_jax.model.axes import CACHE_COLLECTION
 from dsv3_jax.model.layers import constrain, dense, rms_norm, weight
 from dsv3_jax.model.rope import apply_rotary, rotary_tables, softmax_scale
-from dsv3_jax.quant.matmul import as_dense, einsum
+from dsv3_jax.quant.matmul import as_dense, dot_f32, einsum
 
 
 class MLA(nn.Module):
@@ -173,10 +173,8 @@ def naive_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHU: jax.Array, mas
     if k_BSHK.ndim == 4:
         q_BHTK, k_BHSK, v_BHSU = (jnp.swapaxes(a, 1, 2) for a in (q_BTHK, k_BSHK, v_BSHU))
         return jnp.swapaxes(_per_head_attention(q_BHTK, k_BHSK, v_BHSU, mask_BTS, scale), 1, 2)
-    probs_BHTS = _probs(jnp.einsum("bthk,bsk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32),
-                        mask_BTS, scale).astype(v_BSHU.dtype)
-    return jnp.einsum("bhts,bsu->bthu", probs_BHTS, v_BSHU, preferred_element_type=jnp.float32).astype(
-        v_BSHU.dtype)
+    probs_BHTS = _probs(dot_f32("bthk,bsk->bhts", q_BTHK, k_BSHK), mask_BTS, scale).astype(v_BSHU.dtype)
+    return dot_f32("bhts,bsu->bthu", probs_BHTS, v_BSHU).astype(v_BSHU.dtype)
 
 
 def _probs(scores_BHTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
@@ -197,22 +195,21 @@ def _per_head_attention(q_BHTK: jax.Array, k_BHSK: jax.Array, v_BHSU: jax.Array,
 
 
 def _per_head_fwd(q_BHTK, k_BHSK, v_BHSU, mask_BTS, scale):
-    scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK, k_BHSK, preferred_element_type=jnp.float32)
+    scores_BHTS = dot_f32("bhtk,bhsk->bhts", q_BHTK, k_BHSK)
     probs_BHTS = _probs(scores_BHTS, mask_BTS, scale).astype(v_BHSU.dtype)
-    out_BHTU = jnp.einsum("bhts,bhsu->bhtu", probs_BHTS, v_BHSU, preferred_element_type=jnp.float32).astype(
-        v_BHSU.dtype)
+    out_BHTU = dot_f32("bhts,bhsu->bhtu", probs_BHTS, v_BHSU).astype(v_BHSU.dtype)
     return out_BHTU, (q_BHTK, k_BHSK, v_BHSU, probs_BHTS, out_BHTU)
 
 
 def _per_head_bwd(scale, residuals, dout_BHTU):
     q_BHTK, k_BHSK, v_BHSU, probs_BHTS, out_BHTU = residuals
     f32 = jnp.float32
-    dv_BHSU = jnp.einsum("bhts,bhtu->bhsu", probs_BHTS, dout_BHTU, preferred_element_type=f32)
-    dprobs_BHTS = jnp.einsum("bhtu,bhsu->bhts", dout_BHTU, v_BHSU, preferred_element_type=f32)
+    dv_BHSU = dot_f32("bhts,bhtu->bhsu", probs_BHTS, dout_BHTU)
+    dprobs_BHTS = dot_f32("bhtu,bhsu->bhts", dout_BHTU, v_BHSU)
     delta_BHT1 = jnp.sum(dout_BHTU.astype(f32) * out_BHTU.astype(f32), axis=-1, keepdims=True)
     dscores_BHTS = (probs_BHTS.astype(f32) * (dprobs_BHTS - delta_BHT1) * scale).astype(q_BHTK.dtype)
-    dq_BHTK = jnp.einsum("bhts,bhsk->bhtk", dscores_BHTS, k_BHSK, preferred_element_type=f32)
-    dk_BHSK = jnp.einsum("bhts,bhtk->bhsk", dscores_BHTS, q_BHTK, preferred_element_type=f32)
+    dq_BHTK = dot_f32("bhts,bhsk->bhtk", dscores_BHTS, k_BHSK)
+    dk_BHSK = dot_f32("bhts,bhtk->bhsk", dscores_BHTS, q_BHTK)
     return (dq_BHTK.astype(q_BHTK.dtype), dk_BHSK.astype(k_BHSK.dtype), dv_BHSU.astype(v_BHSU.dtype), None)
 
 

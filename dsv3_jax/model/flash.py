@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.quant.matmul import dot_f32
+
 _NO_KEY_POS = np.iinfo(np.int32).max  # position of a padded key: masked for every query
 _NO_QUERY_POS = np.iinfo(np.int32).min  # position of a padded query: sees no key
 
@@ -96,7 +98,7 @@ def _maybe_skip(skip: bool, qpos_BT, kpos_BS, compute, carry):
 
 def _scores_BHTS(q_BTHK, k_BSHK, qpos_BT, kpos_BS, scale: float, k_eq: str):
     """Masked float32 scores of one block pair: scale·q·k where visible, -inf elsewhere."""
-    s_BHTS = jnp.einsum(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) * scale
+    s_BHTS = dot_f32(f"bthk,{k_eq}->bhts", q_BTHK, k_BSHK) * scale
     return jnp.where(_visible_BTS(qpos_BT, kpos_BS)[:, None], s_BHTS, -jnp.inf)
 
 
@@ -109,8 +111,7 @@ def _online_softmax_step(carry, k_BSHK, v_BSHU, kpos_BS, q_BTHK, qpos_BT, scale:
     m_safe_BHT = jnp.where(jnp.isfinite(m_new_BHT), m_new_BHT, 0.0)  # nothing visible yet: exp(-inf - 0) = 0
     p_BHTS = jnp.exp(s_BHTS - m_safe_BHT[..., None])
     alpha_BHT = jnp.exp(m_BHT - m_safe_BHT)
-    pv_BHTU = jnp.einsum(f"bhts,{v_eq}->bhtu", p_BHTS.astype(v_BSHU.dtype), v_BSHU,
-                         preferred_element_type=jnp.float32)
+    pv_BHTU = dot_f32(f"bhts,{v_eq}->bhtu", p_BHTS.astype(v_BSHU.dtype), v_BSHU)
     return m_new_BHT, alpha_BHT * l_BHT + jnp.sum(p_BHTS, axis=-1), alpha_BHT[..., None] * acc_BHTU + pv_BHTU
 
 
@@ -152,14 +153,13 @@ def _backward_step(carry, q_BTHK, do_BTHU, lse_BHT, delta_BHT, qpos_BT, k_BSHK, 
     dk_BSHK, dv_BSHU, dq_BTHK = carry
     s_BHTS = _scores_BHTS(q_BTHK, k_BSHK, qpos_BT, kpos_BS, scale, k_eq)
     p_BHTS = jnp.exp(s_BHTS - lse_BHT[..., None])  # -inf - lse or s - inf (empty row) → 0
-    dv_BSHU = dv_BSHU + jnp.einsum(f"bhts,bthu->{v_eq}", p_BHTS.astype(do_BTHU.dtype), do_BTHU,
-                                   preferred_element_type=jnp.float32)
-    dp_BHTS = jnp.einsum(f"bthu,{v_eq}->bhts", do_BTHU, v_BSHU, preferred_element_type=jnp.float32)
+    dv_BSHU = dv_BSHU + dot_f32(f"bhts,bthu->{v_eq}", p_BHTS.astype(do_BTHU.dtype), do_BTHU)
+    dp_BHTS = dot_f32(f"bthu,{v_eq}->bhts", do_BTHU, v_BSHU)
     ds_BHTS = (p_BHTS * (dp_BHTS - delta_BHT[..., None]) * scale).astype(q_BTHK.dtype)
     # [B,H,T,K] then a transpose: XLA:CPU's bf16 dot rejects the layout it picks for a direct "->bthk" here.
-    dq_BHTK = jnp.einsum(f"bhts,{k_eq}->bhtk", ds_BHTS, k_BSHK, preferred_element_type=jnp.float32)
+    dq_BHTK = dot_f32(f"bhts,{k_eq}->bhtk", ds_BHTS, k_BSHK)
     dq_BTHK = dq_BTHK + jnp.swapaxes(dq_BHTK, 1, 2)
-    dk_BSHK = dk_BSHK + jnp.einsum(f"bhts,bthk->{k_eq}", ds_BHTS, q_BTHK, preferred_element_type=jnp.float32)
+    dk_BSHK = dk_BSHK + dot_f32(f"bhts,bthk->{k_eq}", ds_BHTS, q_BTHK)
     return dk_BSHK, dv_BSHU, dq_BTHK
 
 

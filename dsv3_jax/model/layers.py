@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import MatmulPolicy, ModelConfig
-from dsv3_jax.quant.matmul import einsum
+from dsv3_jax.quant.matmul import einsum, target_platform
 
 
 def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], config: ModelConfig,
@@ -69,14 +69,6 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = weight(self, "scale", (self.dim,), ("norm",), self.config, init="ones")
         return rms_norm(x, scale, self.config.rms_norm_eps)
-
-
-def target_platform() -> str:
-    """The platform the program being traced will run on: the devices of the active mesh ("tpu" while compiling
-    for an abstract TPU topology on a CPU host), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def dense(x: jax.Array, w, policy: MatmulPolicy | None = None) -> jax.Array:

@@ -15,6 +15,31 @@ from dsv3_jax.config import MatmulPolicy
 from dsv3_jax.quant.fp8 import QuantArray, dequantize, fp8_matmul, quantized_matmul
 
 
+def target_platform() -> str:
+    """The platform the program being traced will run on: the devices of the active mesh ("tpu" while compiling
+    for an abstract TPU topology on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def dot_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(eq, a, b)` accumulated and returned in float32. A batched product (an axis in both operands and
+    the output) on the CPU widens narrower operands to float32 first, which gives the same result (a product of
+    two bf16 values is exact in float32): XLA:CPU's plain dot has no bf16 x bf16 -> f32 kernel, and a batched dot
+    that no library took failed at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32":
+    a bfloat16 model's decode at batch >= 2, `tests/test_generate.py`). 2-D products keep their dtype."""
+    if target_platform() == "cpu" and _batched(eq):
+        a, b = (o.astype(jnp.promote_types(o.dtype, jnp.float32)) for o in (a, b))
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
+def _batched(eq: str) -> bool:
+    inputs, out = eq.replace(" ", "").split("->")
+    a, b = inputs.split(",")
+    return any(c != "." and c in b and c in out for c in a)
+
+
 def as_dense(w, dtype) -> jax.Array:
     """A weight as a plain array of `dtype` (dequantised when FP8-resident)."""
     return dequantize(w, dtype) if isinstance(w, QuantArray) else w.astype(dtype)
@@ -52,5 +77,4 @@ def einsum(eq: str, x: jax.Array, w, *, dtype: jnp.dtype | None = None,
         return _fp8_2d(x, w, policy).astype(dtype)
     if kind == "batched":
         return jax.vmap(lambda xz, wz: _fp8_2d(xz, wz, policy))(x, w).astype(dtype)
-    out = jnp.einsum(eq, x.astype(dtype), as_dense(w, dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+    return dot_f32(eq, x.astype(dtype), as_dense(w, dtype)).astype(dtype)

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.transformer import Transformer, head_logits
+from dsv3_jax.quant.matmul import target_platform
 
 LOSS_CHUNK = 512  # sequence positions per chunk of the chunked cross-entropy
 

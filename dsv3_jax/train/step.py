@@ -13,9 +13,9 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.host import compiler_options
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.moe import STATS_COLLECTION
 from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.quant.matmul import target_platform
 from dsv3_jax.train.balancing import BiasHook, balance_terms, expert_loads, per_layer_loads, sign_update, update_router
 from dsv3_jax.train.losses import (
     LOSS_CHUNK,
@@ -107,7 +107,9 @@ def make_optimizer(tc: TrainConfig, *, flat: bool = False) -> optax.GradientTran
     606 → 550 ms; `small` 1209 → 1102 ms), though the flat update alone is only ~4 ms slower (14.8 vs 10.6 ms):
     the rest shows only inside the whole step (not traced to one op). Its cold compile is longer: tiny_stdlib with
     MTP 18.3-19.4 → 21.7-24.6 s (fresh processes, 1069 → 1192 fusions), without MTP ~1 s; over the README's
-    300-step run the faster steps win back 2-5x what the compile costs (3-8 s against ~16 s).
+    300-step run the faster steps win back 2-5x what the compile costs (3-8 s against ~16 s). Measured again once
+    one-device CPU programs ran inline (`dsv3_jax.host`; one process, in turn, tiny_stdlib with MTP): flat 248.9
+    vs per-leaf 233.3 ms per step, lower + compile 5.3 vs 7.2 s (the per-leaf program compiled first).
     """
     mu_dtype = jnp.bfloat16 if tc.moment_dtype == "bfloat16" else None
     clip = optax.clip_by_global_norm(tc.clip_norm)

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import MatmulPolicy
-from dsv3_jax.model.layers import target_platform
 from dsv3_jax.model.moe.tiles import tile_swiglu
 from dsv3_jax.quant.fp8 import QuantArray
-from dsv3_jax.quant.matmul import as_dense, einsum
+from dsv3_jax.quant.matmul import as_dense, dot_f32, einsum, target_platform
 
 
 @jax.custom_vjp
@@ -74,7 +73,7 @@ def _pairs(x_ND: jax.Array, experts_NX: jax.Array) -> tuple[jax.Array, jax.Array
 
 def combine(y_NXD: jax.Array, weights_NX: jax.Array) -> jax.Array:
     """Σ_x weight[n, x] · y[n, x] in float32 → [N,D] in y's dtype."""
-    out = jnp.einsum("nxd,nx->nd", y_NXD, weights_NX, preferred_element_type=jnp.float32)
+    out = dot_f32("nxd,nx->nd", y_NXD, weights_NX)
     return out.astype(y_NXD.dtype)
 
 
@@ -279,7 +278,7 @@ def dense_ffn(x_ND: jax.Array, experts_NX: jax.Array, weights_NX: jax.Array, w_g
         h_ENF = jax.nn.silu(einsum("end,edf->enf", x_END, w_gate_EDF, policy=policy)) * einsum(
             "end,edf->enf", x_END, w_up_EDF, policy=policy)
         y_END = einsum("enf,efd->end", h_ENF, w_down_EFD, policy=policy)
-        return jnp.einsum("end,ne->nd", y_END, combine_NE, preferred_element_type=jnp.float32).astype(x_ND.dtype)
+        return dot_f32("end,ne->nd", y_END, combine_NE).astype(x_ND.dtype)
     h_NEF = jax.nn.silu(einsum("nd,edf->nef", x_ND, w_gate_EDF)) * einsum("nd,edf->nef", x_ND, w_up_EDF)
     weighted_NK = (h_NEF * combine_NE[:, :, None]).astype(x_ND.dtype).reshape(n, -1)
     return einsum("nk,kd->nd", weighted_NK, w_down_EFD.reshape(-1, w_down_EFD.shape[-1]))

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.moe.dispatch import expert_ffn, expert_rows, permute_rows
+from dsv3_jax.quant.matmul import dot_f32
 
 CAPACITY_FACTOR = 2.0  # room per (source, destination) pair and round, in units of the balanced share
 _WEIGHT_AXES = {"gate_up": ("expert", "expert_embed", "expert_mlp"), "down": ("expert", "expert_mlp", "expert_embed")}
@@ -180,7 +181,7 @@ class ExpertParallel:
                 return y_MD + overflow_round(r), None  # rounds carry disjoint pairs: the sum is exact
 
             y_MD, _ = jax.lax.scan(body, y_MD, jnp.arange(1, rounds))
-        out_ND = jnp.einsum("nxd,nx->nd", y_MD.reshape(n, x, d), weights_NX, preferred_element_type=jnp.float32)
+        out_ND = dot_f32("nxd,nx->nd", y_MD.reshape(n, x, d), weights_NX)
         if mlp:  # each device of the mlp axes computed its slice of F: sum the partial outputs
             out_ND = jax.lax.psum(out_ND, mlp)
         return out_ND.astype(x_ND.dtype)
