@@ -1,6 +1,7 @@
 """dsv3-jax: DeepSeek-V3 in JAX/Flax.
 
-The public surface, imported lazily (so `dsv3 --help` and `import dsv3_jax.model.flash` stay light):
+The public surface, imported lazily (flax, optax, orbax and the model load on first use; importing the package
+imports jax itself, to set its CPU dispatch before the backend starts: dsv3_jax/host.py):
 
     ModelConfig, RopeScaling, PRESETS           dsv3_jax.config
     init_variables, abstract_variables, logical_axes, check_tokens, forward, forward_with_mtp, param_counts,

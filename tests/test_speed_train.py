@@ -3,7 +3,6 @@ the scatter-free cross-entropy and the expert tiles' own backward equal plain au
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from dsv3_jax.model import attention, layers
 from dsv3_jax.model.moe import dispatch
@@ -136,11 +136,11 @@ def test_cpu_compiler_options_are_cpu_only_and_overridable(monkeypatch):
     np.testing.assert_allclose(with_options, jax.jit(fn)(x), rtol=1e-6, atol=0)
 
 
-def _async_dispatch_after_import(code_before: str, **env) -> str:
-    """jax_cpu_enable_async_dispatch in a fresh process that runs `code_before`, then imports dsv3_jax."""
-    code = f"{code_before}; import dsv3_jax, jax; print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+def _after_import(code_before: str, code_after: str, inline: str = "1") -> str:
+    """What `code_after` prints in a fresh one-device process that runs `code_before`, then imports dsv3_jax."""
+    code = f"{code_before}; import dsv3_jax, jax; from dsv3_jax import host; {code_after}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+                         env=subprocess_env(DSV3_INLINE_CPU_DISPATCH=inline))
     return out.stdout.strip()
 
 
@@ -148,13 +148,15 @@ def test_cpu_dispatch_is_inline_unless_turned_off_or_too_late():
     """Importing dsv3_jax turns JAX's asynchronous CPU dispatch off (host.py: programs then allocate their temp
     buffers on the main thread's glibc arena); DSV3_INLINE_CPU_DISPATCH=0 keeps it, and so does a CPU client that
     already exists (the setting would not reach it)."""
-    assert _async_dispatch_after_import("import jax") == "False"
-    assert _async_dispatch_after_import("import jax", DSV3_INLINE_CPU_DISPATCH="0") == "True"
-    assert _async_dispatch_after_import("import jax; jax.devices()") == "True"
+    show = "print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    assert _after_import("import jax", show) == "False"
+    assert _after_import("import jax", show, inline="0") == "True"
+    assert _after_import("import jax; jax.devices()", show) == "True"
 
 
 def test_several_cpu_devices_reads_the_forced_count(monkeypatch):
-    """A process with a simulated mesh keeps glibc's one arena (host.py: its programs run on worker threads)."""
+    """A process with a simulated mesh keeps glibc's one arena (host.py: its programs run on worker threads): the
+    forced device count in XLA_FLAGS, or jax_num_cpu_devices set before dsv3_jax is imported."""
     from dsv3_jax import host
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8")
@@ -163,3 +165,6 @@ def test_several_cpu_devices_reads_the_forced_count(monkeypatch):
     assert not host.several_cpu_devices()
     monkeypatch.setenv("XLA_FLAGS", "")
     assert not host.several_cpu_devices()
+    several = "print(host.several_cpu_devices())"
+    assert _after_import("import jax; jax.config.update('jax_num_cpu_devices', 4)", several) == "True"
+    assert _after_import("import jax", several) == "False"

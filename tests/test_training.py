@@ -750,3 +750,25 @@ def test_unknown_section_or_field_is_named(tmp_path, text, name):
     with pytest.raises(ConfigError, match=name) as info:
         load_run_config(path)
     assert str(path) in str(info.value)
+
+
+def test_logged_tokens_per_s_times_each_step_from_when_it_was_computed(tmp_path):
+    """The logger writes a step late; at a checkpoint it writes two steps back to back. A step whose results were
+    already computed when its call returned (inline CPU dispatch) is timed from then, not from the write: the
+    second of two back-to-back writes showed millions of tokens/s before. A step still running is timed when its
+    fetch returns."""
+    from tqdm import tqdm
+
+    from dsv3_jax.train import loop
+
+    metrics = {"loss": jnp.float32(1.0), "finite": jnp.bool_(True)}
+    logger = loop._Logger(str(tmp_path / "metrics.jsonl"), tqdm(disable=True), tokens_per_step=1000)
+    start = logger.last_time = time.perf_counter() - 2.0  # the logger started 2 s ago
+    assert loop._ready_time(metrics) > start  # computed: now
+    logger.write(1, metrics, start + 0.5)
+    logger.write(2, metrics, start + 0.75)  # written right after step 1, computed 0.25 s after it
+    logger.write(3, metrics, None)  # fetched: timed now, >= 1.25 s after step 2
+    logger.close()
+    logged = _metrics(tmp_path)
+    assert [round(m["tokens_per_s"]) for m in logged[:2]] == [2000, 4000]
+    assert 0 < logged[2]["tokens_per_s"] <= 1000 / 1.25

@@ -156,7 +156,8 @@ def _backward_step(carry, q_BTHK, do_BTHU, lse_BHT, delta_BHT, qpos_BT, k_BSHK, 
     dv_BSHU = dv_BSHU + dot_f32(f"bhts,bthu->{v_eq}", p_BHTS.astype(do_BTHU.dtype), do_BTHU)
     dp_BHTS = dot_f32(f"bthu,{v_eq}->bhts", do_BTHU, v_BSHU)
     ds_BHTS = (p_BHTS * (dp_BHTS - delta_BHT[..., None]) * scale).astype(q_BTHK.dtype)
-    # [B,H,T,K] then a transpose: XLA:CPU's bf16 dot rejects the layout it picks for a direct "->bthk" here.
+    # [B,H,T,K] then a transpose: XLA:CPU's bf16 dot rejected the layout it picked for a direct "->bthk" here
+    # (before dot_f32 widened bf16 operands on the CPU; kept: the same numbers, and other backends are unmeasured).
     dq_BHTK = dot_f32(f"bhts,{k_eq}->bhtk", ds_BHTS, k_BSHK)
     dq_BTHK = dq_BTHK + jnp.swapaxes(dq_BHTK, 1, 2)
     dk_BSHK = dk_BSHK + dot_f32(f"bhts,bthk->{k_eq}", ds_BHTS, q_BTHK)

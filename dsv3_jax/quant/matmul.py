@@ -24,20 +24,26 @@ def target_platform() -> str:
 
 
 def dot_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`jnp.einsum(eq, a, b)` accumulated and returned in float32. A batched product (an axis in both operands and
-    the output) on the CPU widens narrower operands to float32 first, which gives the same result (a product of
-    two bf16 values is exact in float32): XLA:CPU's plain dot has no bf16 x bf16 -> f32 kernel, and a batched dot
-    that no library took failed at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32":
-    a bfloat16 model's decode at batch >= 2, `tests/test_generate.py`). 2-D products keep their dtype."""
+    """`jnp.einsum(eq, a, b)` of two activations, accumulated and returned in float32 (the attention core, flash
+    blocks, MoE combines). A batched product (an axis, or `...`, in both operands and the output; or no explicit
+    output) on the CPU widens narrower operands to float32 first, which gives the same result (a product of two
+    bf16 values is exact in float32): XLA:CPU's plain dot has no bf16 x bf16 -> f32 kernel, and a batched dot no
+    library took failed at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32": a
+    bfloat16 model's decode at batch >= 2, `tests/test_generate.py`). Float32 operands and 2-D products are
+    unchanged; weights go through `einsum`, whose bf16 products XLA:CPU ran (not widened: a copy per call)."""
     if target_platform() == "cpu" and _batched(eq):
         a, b = (o.astype(jnp.promote_types(o.dtype, jnp.float32)) for o in (a, b))
     return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
 
 
 def _batched(eq: str) -> bool:
-    inputs, out = eq.replace(" ", "").split("->")
+    inputs, arrow, out = eq.replace(" ", "").partition("->")
     a, b = inputs.split(",")
-    return any(c != "." and c in b and c in out for c in a)
+    if not arrow:
+        return True
+    if "..." in a and "..." in b and "..." in out:
+        return True
+    return any(c in b and c in out for c in a.replace(".", ""))
 
 
 def as_dense(w, dtype) -> jax.Array:
@@ -77,4 +83,5 @@ def einsum(eq: str, x: jax.Array, w, *, dtype: jnp.dtype | None = None,
         return _fp8_2d(x, w, policy).astype(dtype)
     if kind == "batched":
         return jax.vmap(lambda xz, wz: _fp8_2d(xz, wz, policy))(x, w).astype(dtype)
-    return dot_f32(eq, x.astype(dtype), as_dense(w, dtype)).astype(dtype)
+    out = jnp.einsum(eq, x.astype(dtype), as_dense(w, dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)  # weights are not widened: XLA:CPU runs these bf16 products (see dot_f32)

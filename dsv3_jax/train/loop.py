@@ -313,9 +313,10 @@ class _Logger:
         self.last_time = time.perf_counter()
         self.last_loss = float("nan")
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, ready_at: float | None) -> None:
+        """`ready_at`: when the step's results were seen computed (`_ready_time`), else the fetch here waits."""
         metrics = jax.device_get(metrics)
-        now = time.perf_counter()
+        now = time.perf_counter() if ready_at is None else ready_at
         record = _to_json(metrics, step, self.tokens_per_step / max(now - self.last_time, 1e-9))
         self.last_time = now
         if not record["finite"]:
@@ -447,6 +448,15 @@ def _with_shardings(abstract, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _ready_time(metrics: dict) -> float | None:
+    """Now, if the step's results are already computed (a one-device CPU program runs inline and returns when done,
+    `dsv3_jax.host`), else None (dispatched asynchronously: the logger's fetch waits for them and times that).
+    Without it a step written right after the previous one (a checkpoint step, the last step) showed millions of
+    tokens/s."""
+    done = all(leaf.is_ready() for leaf in jax.tree_util.tree_leaves(metrics))
+    return time.perf_counter() if done else None
+
+
 def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, start: int, out_dir: str,
           moments: str):
     pending = None
@@ -455,7 +465,7 @@ def _loop(rc: RunConfig, state, step_fn, batches, logger: _Logger, manager, star
         state, metrics = step_fn(state, batch)
         if pending is not None:
             logger.write(*pending)
-        pending = (step, metrics)
+        pending = (step, metrics, _ready_time(metrics))
         if step % rc.run.ckpt_every == 0 or step == rc.train.steps:
             logger.write(*pending)
             pending = None

@@ -218,10 +218,11 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
 
 
 def jit_train_step(step_fn, state_shardings=None, batch_shardings=None):
-    """jit with the state donated and the package's CPU compile options (`host.compiler_options`); shardings
-    (trees of NamedSharding) when running on a mesh."""
-    options = compiler_options(target_platform())
+    """jit with the state donated and the package's compile options for its platform (`host.compiler_options`:
+    LLVM O1 on the CPU); shardings (trees of NamedSharding) when running on a mesh, whose devices then name the
+    platform (an abstract TPU slice compiled from a CPU host gets no CPU options)."""
     if state_shardings is None:
-        return jax.jit(step_fn, donate_argnums=0, compiler_options=options)
+        return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(target_platform()))
+    platform = next(iter(jax.tree_util.tree_leaves(state_shardings)[0].device_set)).platform
     return jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), compiler_options=options)
+                   out_shardings=(state_shardings, None), compiler_options=compiler_options(platform))
