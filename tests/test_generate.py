@@ -419,12 +419,17 @@ def test_cli_generate_prints_ids(tmp_path, capsys):
     assert ids == d.generate(loaded_config, variables, [1, 2, 3], 5).tokens[0]
 
 
-def test_bfloat16_batched_decode_runs_and_equals_one_prompt_at_a_time(spec_random):
+@pytest.mark.parametrize("preset", ["spec", "tiny"])
+def test_bfloat16_batched_decode_runs_and_equals_one_prompt_at_a_time(spec_random, preset):
     """A bfloat16 model decoding 3 prompts at once: its attention core's batched bf16 dots failed at run time on
     the CPU ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32") until `quant.matmul.dot_f32`
-    widened them; each row's tokens equal that prompt decoded alone (the rows never mix)."""
-    config = dataclasses.replace(SPEC, dtype="bfloat16")
+    widened them; each row's tokens equal that prompt decoded alone (the rows never mix). "tiny" decodes through
+    two MoE layers (their combines go through dot_f32 too)."""
     variables, prompts = spec_random
+    config = SPEC if preset == "spec" else d.ModelConfig.from_preset("tiny")
+    if preset == "tiny":
+        variables = _scale_params(d.init_variables(config, 1), WEIGHT_SCALE)
+    config = dataclasses.replace(config, dtype="bfloat16")
     batched = d.generate(config, variables, prompts, 4, stop_ids=()).tokens
     alone = [d.generate(config, variables, [p], 4, stop_ids=()).tokens[0] for p in prompts]
     assert batched == alone
