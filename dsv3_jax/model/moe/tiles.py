@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.quant.matmul import dot_f32
+
 
 def _put(buf: jax.Array, i: jax.Array, rows: jax.Array) -> jax.Array:
     """buf[i] = rows as an in-place dynamic-update-slice (`.at[i].set` may lower to a scatter)."""
@@ -31,26 +33,20 @@ def _row(buf: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
 
 
-def _f32(a: jax.Array, dtype) -> jax.Array:
-    """a rounded to the compute dtype, then held in float32: a float32 dot of these equals the compute-dtype dot
-    with float32 accumulation (products of bf16 values are exact in float32), which XLA:CPU's plain dot does not
-    implement for bf16 operands."""
-    return a.astype(dtype).astype(jnp.float32)
-
-
 def _dot(a_CWK: jax.Array, b_CKN: jax.Array, dtype) -> jax.Array:
-    """Batched a·b in float32 accumulation, result in `dtype` (as `quant.matmul.einsum` without a policy)."""
-    return jnp.einsum("cwk,ckn->cwn", _f32(a_CWK, dtype), _f32(b_CKN, dtype)).astype(dtype)
+    """Batched a·b of the operands rounded to `dtype`, float32 accumulation (`dot_f32`: widened on the CPU, which
+    has no bf16 batched dot), result in `dtype` (as `quant.matmul.einsum` without a policy)."""
+    return dot_f32("cwk,ckn->cwn", a_CWK.astype(dtype), b_CKN.astype(dtype)).astype(dtype)
 
 
 def _dot_nt(a_CWN: jax.Array, b_CKN: jax.Array, dtype) -> jax.Array:
     """Batched a·bᵀ (an input gradient through weights [C,K,N]) of operands in `dtype`, float32 [C,W,K]."""
-    return jnp.einsum("cwn,ckn->cwk", _f32(a_CWN, dtype), _f32(b_CKN, dtype))
+    return dot_f32("cwn,ckn->cwk", a_CWN.astype(dtype), b_CKN.astype(dtype))
 
 
 def _dot_t(a_CWK: jax.Array, b_CWN: jax.Array) -> jax.Array:
     """Batched aᵀ·b over the rows (weight gradients) of operands in their dtype, float32 [C,K,N]."""
-    return jnp.einsum("cwk,cwn->ckn", _f32(a_CWK, a_CWK.dtype), _f32(b_CWN, b_CWN.dtype))
+    return dot_f32("cwk,cwn->ckn", a_CWK, b_CWN)
 
 
 def _chunks(x_ZWD: jax.Array, chunk: int) -> jax.Array:
