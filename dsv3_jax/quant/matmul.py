@@ -24,13 +24,14 @@ def target_platform() -> str:
 
 
 def dot_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`jnp.einsum(eq, a, b)` of two activations, accumulated and returned in float32 (the attention core, flash
-    blocks, MoE combines). A batched product (an axis, or `...`, in both operands and the output; or no explicit
+    """`jnp.einsum(eq, a, b)` accumulated and returned in float32 (the attention core, flash blocks, MoE combines,
+    the CPU expert tiles). A batched product (an axis, or `...`, in both operands and the output; or no explicit
     output) on the CPU widens narrower operands to float32 first, which gives the same result (a product of two
     bf16 values is exact in float32): XLA:CPU's plain dot has no bf16 x bf16 -> f32 kernel, and a batched dot no
     library took failed at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32": a
     bfloat16 model's decode at batch >= 2, `tests/test_generate.py`). Float32 operands and 2-D products are
-    unchanged; weights go through `einsum`, whose bf16 products XLA:CPU ran (not widened: a copy per call)."""
+    unchanged; the model's projections go through `einsum`, whose bf16 weight products XLA:CPU runs (not widened:
+    that would copy every weight per call)."""
     if target_platform() == "cpu" and _batched(eq):
         a, b = (o.astype(jnp.promote_types(o.dtype, jnp.float32)) for o in (a, b))
     return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
