@@ -83,26 +83,33 @@ def _combine_rows(y_MD: jax.Array, weights_NX: jax.Array) -> jax.Array:
     return combine(y_MD.reshape(n, x, -1), weights_NX)
 
 
-def tile_size(num_pairs: int, num_experts: int) -> int:
-    """Rows per tile for the "blocks" dispatch: λ + 2√λ rounded up to a multiple of 8, at least 8 (λ = pairs per
-    expert). An expert of a balanced router fits one tile, with a margin for the spread of its load: a tile of
-    exactly λ rows sends every expert above λ to a second tile that is mostly padding.
+TILE_MAX_ROWS = 144  # rows per tile at most: above it a tile's padding costs more than its larger dots gain (below)
 
-    Measured on 2 CPU cores, in-process interleaved, medians of 10-16, the `small` preset's MoE layer (D = F = 256,
-    top-4, its own router at init_std 0.02, whose loads spread far wider than √λ), forward / forward and gradients:
+
+def tile_size(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile for the "blocks" dispatch: λ + 2√λ rounded up to a multiple of 8, at least 8 and at most
+    TILE_MAX_ROWS (λ = pairs per expert). Below the cap, an expert of a balanced router fits one tile, with a margin
+    for the spread of its load: a tile of exactly λ rows sends every expert above λ to a second tile that is mostly
+    padding. Above it, an expert's last tile pads it by half a tile on average, so padding is about
+    TILE_MAX_ROWS / (2λ) of the pairs instead of up to 2x; the tiles' dots lose little down to ~100 rows on the CPU
+    (and much at 64: 4096 rows through 64-row dots took 2x as long as through 128-row ones).
+
+    Measured 2026-12-08 (2 CPU cores, in-process interleaved, medians of 14, the expert FFN of a random-init router
+    at init_std 0.02 with a ±0.05 correction bias, whose loads spread far wider than √λ), forward / value and
+    gradients, against the uncapped λ + 2√λ:
+      - 16 experts, 1024 tokens top-4, D = F = 256 (`small` at 4 × 256, λ = 256, loads 89-439): 288 → 144 rows
+        17.8 → 15.7 / 49.4 → 41.4 ms (6336 → 5184 padded rows); 112 rows 16.1 / 40.1, 96 rows 17.2 / 44.2.
+      - 16 experts, 2048 tokens, D = F = 128 (tiny_stdlib's train batch, λ = 512, loads 101-1081): 560 → 144 rows
+        18.0 → 14.5 / 37.0 → 31.0 ms (12880 → 9648 rows); 112 rows 14.6 / 30.8, 96 rows 14.7 / 28.2.
+      - 8 experts, 1024 tokens (λ = 512, loads 265-771): 560 → 144 rows, min of 10 16.1 → 14.3 / 45.9 → 37.1 ms.
+    Earlier (2026-12-07, before the CPU dispatch ran inline and 2 tiles per loop step), the uncapped rule against
+    powers of two up to 128 rows, forward / forward and gradients:
       - 256 experts, 1024 tokens (λ = 16): 32 → 24 rows 129.5 → 88.6 ms / 428 → 438 ms (level); 16 rows 113.4 / 429.
       - 64 experts (λ = 64): 128 → 80 rows 65.3 → 42.1 / 180 → 137 ms; 64 rows 62.8 / 195 ms.
-      - 16 experts, 512 tokens (λ = 128, `small` prefilling 8 rows of 64): 128 → 160 rows 27.6 → 19.0 / 75 → 58 ms;
-        the whole forward at 152 rows 125.6 → 114.7 ms.
-      - 16 experts, 1024 tokens (λ = 256, `small` at 4 × 256): 128 → 288 rows 33.9 → 29.6 / 111 → 89 ms, 256 rows
-        40.9 / 114 ms; the whole forward 296 → 277 ms, its train step 1188 → 1161 ms (level), XLA temp +49 MiB.
-      - 8 experts (λ = 512): 128 → 560 rows 31.0 → 28.9 / 102 → 91 ms, 256 rows 34.4 / 109 ms; the tiny_stdlib
-        train step (λ = 512, D = F = 128) level, 444 vs 451 ms.
-    The static bound on padded rows is pairs + experts · tile (about twice the pairs for λ ≥ 64). The earlier rules
-    (powers of two, at most 128 rows) padded a balanced expert to 2λ below 128 pairs per expert and cut it into
-    several 128-row tiles above."""
+      - 16 experts, 512 tokens (λ = 128, `small` prefilling 8 rows of 64): 128 → 160 rows 27.6 → 19.0 / 75 → 58 ms.
+    The static bound on padded rows is pairs + experts · tile."""
     per_expert = num_pairs / max(num_experts, 1)
-    return int(max(8, 8 * math.ceil((per_expert + 2 * math.sqrt(per_expert)) / 8)))
+    return int(min(TILE_MAX_ROWS, max(8, 8 * math.ceil((per_expert + 2 * math.sqrt(per_expert)) / 8))))
 
 
 def _tile_layout(expert_M: jax.Array, sizes_E: jax.Array, tile: int, num_tiles: int):
@@ -131,8 +138,10 @@ def _row_layout(expert_M: jax.Array, num_experts: int, tile: int, num_tiles: int
     return row_dest_M, row_src_P, tile_expert_Z, used
 
 
-TILES_PER_STEP = 2  # tiles per loop step of `tiles.tile_swiglu` (2 cores, small preset: 1 → 73, 2 → 54, 4 → 60,
-# 8 → 62 ms for the expert FFN's value and gradients)
+TILES_PER_STEP = 4  # tiles per loop step of `tiles.tile_swiglu` at least. 144-row tiles, medians of 14 (value and
+# gradients; setting of `tile_size`): 2 → 4 per step 32.3 → 26.7 ms at λ = 512, D = F = 128; 80-row tiles (64
+# experts, λ = 64): 2 / 3 / 7 per step 65.6 / 63.8 / 64.5 ms (forward 27.2 / 23.3 / 21.8). Measured 2026-12-07
+# with 128-row tiles: 1 → 73, 2 → 54, 4 → 60, 8 → 62 ms.
 ROWS_PER_STEP = 128  # ... and at least this many padded rows per step: small tiles (many experts, few pairs each)
 # went one loop step per 2 tiles of 16 rows; 1024 tokens top-4, D = F = 256, 256 experts: forward 60.1 / 57.6 →
 # 41.6 / 45.3 ms (256 rows per step: 57.3 / 65.0), 8 experts unchanged (tiles of 128 rows); measured with the earlier
