@@ -4,6 +4,7 @@ Run (defaults finish in about 2-3 minutes on 2 idle cores):
 
     python experiments/bench_forward.py
     python experiments/bench_forward.py --cores 1            # pin every process to 1 core (1 torch thread)
+    python experiments/bench_forward.py --burst 4            # each sample: 4 calls back to back, median of the last 3
     python experiments/bench_forward.py --batch 2 --seq 512 --experts 8,64 --moe-impls blocks,dense --no-parts
 
 Prints:
@@ -18,7 +19,7 @@ Prints:
      the same weights with experts "grouped_mm" (HF default) and "eager", plus max |out diff| (HF vs first impl).
      A cell leaves the rounds after --moe-repeats, or at 2 runs once it has spent --budget-s.
   3. A one-line summary of the key ratios, the load average; compile times per row.
-Writes --out/bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks).
+Writes --out/bench_forward[_coresN][_burstN].json (every figure) and .png (ms per row, both frameworks).
 
 Each side runs in its own spawned process: torch and XLA never share a process (their thread pools would fight over
 the cores) and peak RSS is per framework. In each section both processes stay alive and every call (forward,
@@ -272,7 +273,7 @@ def run_forward(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
     """Section 1, both frameworks alive and their calls timed in turn (`interleave.py`): (hf, jax) with "ms",
     "min_ms", "parts" (median ms each) and, for jax, "raw_ms"."""
     res = run_interleaved({"hf": (hf_forward_setup, (args, workdir)), "jax": (jax_forward_setup, (args, workdir))},
-                          warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s)
+                          warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s, burst=args.burst)
     for r in res.values():
         steps = r.pop("steps")
         r.update(ms=steps["forward"]["median_s"] * 1e3, min_ms=steps["forward"]["min_s"] * 1e3,
@@ -286,7 +287,7 @@ def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
     """Section 2, both frameworks alive and their cells timed in turn (`interleave.py`): (jax, hf) as
     {experts: {impl: median ms, ...}}."""
     res = run_interleaved({"jax": (jax_moe_setup, (args, workdir)), "hf": (hf_moe_setup, (args, workdir))},
-                          warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2)
+                          warmup=1, repeats=args.moe_repeats, budget_s=args.budget_s, min_rounds=2, burst=args.burst)
     out = []
     for name in ("jax", "hf"):
         steps = res[name].pop("steps")
@@ -303,7 +304,8 @@ def run_moe(args: argparse.Namespace, workdir: str) -> tuple[dict, dict]:
 def print_forward(args: argparse.Namespace, hf: dict, jx: dict) -> None:
     print(f"\n== 1. Whole-model forward: preset {args.preset!r}, batch x seq = {args.batch} x {args.seq}, float32, "
           f"{hf['threads']} of {os.cpu_count()} cores, median/min of <= {args.repeats} runs after {args.warmup} "
-          "warm-up ==")
+          "warm-up" + (f", each the median of {args.burst - 1} calls after a first, back to back" if args.burst > 1
+                       else "") + " ==")
     print(f"   HF: torch threads={hf['threads']}, attn={hf['attn']}, experts={hf['experts']}, no_grad, use_cache=False"
           f" | dsv3-jax: backend={jx['backend']}, moe_impl={jx['impl']}, compile {jx['compile_s']:.1f}s")
     print(f"   {'':30s}{'HF transformers':>16s}{'dsv3-jax':>12s}{'HF/dsv3':>10s}")
@@ -364,6 +366,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     p.add_argument("--budget-s", type=float, default=5.0, help="stop repeating after this many s (>= 3 runs)")
     p.add_argument("--cores", type=int, default=None, help="pin each process to this many cores (default: all)")
+    p.add_argument("--burst", type=int, default=1,
+                   help="calls per timed sample, back to back; > 1 reports the median of all but the first (steady "
+                        "state, see interleave.py); outputs get a _burstN suffix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-attn", default=None, help="HF attention implementation (default: HF's own, sdpa)")
     p.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
@@ -377,7 +382,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-forward", action="store_true")
     p.add_argument("--skip-moe", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                   help="writes bench_forward[_coresN].json and .png here")
+                   help="writes bench_forward[_coresN][_burstN].json and .png here")
     args = p.parse_args()
     args.experts = [int(e) for e in args.experts.split(",")]
     args.moe_impls = args.moe_impls.split(",")
@@ -404,11 +409,11 @@ def main() -> None:
 
 def write_results(args: argparse.Namespace, fwd: tuple[dict, dict] | None, moe: tuple[dict, dict] | None,
                   load: tuple[float, float, float]) -> None:
-    """bench_forward[_coresN].json (every figure) and .png (ms per row, both frameworks) under --out."""
+    """bench_forward[_coresN][_burstN].json (every figure) and .png (ms per row, both frameworks) under --out."""
     import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
-    tag = f"_cores{args.cores}" if args.cores else ""
+    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
     groups: dict[str, dict[str, float]] = {}
     if fwd:
         hf, jx = fwd

@@ -9,6 +9,7 @@ Run (defaults: the "small" preset at 4 x 256 and the tiny_stdlib.toml model at 1
     python experiments/bench_train.py --cases small:8x512,tiny_stdlib:32x256    # larger batches
     python experiments/bench_train.py --cores 1     # every process pinned to 1 core (1 torch thread): on a machine
                                                     # shared with other jobs, torch with 2 threads stalls badly
+    python experiments/bench_train.py --burst 3     # each sample: 3 steps back to back, median of the last 2
 
 For each case (model, batch x seq) three variants run, each in its own spawned process (torch and XLA never share
 a process or its thread pools; peak RSS is per variant). Each sets itself up alone (compile, first step), then the
@@ -193,6 +194,9 @@ def main() -> None:
                    help="torch threads (default 0: os.cpu_count(), or --cores when given)")
     p.add_argument("--cores", type=int, default=0,
                    help="pin every child process to this many cores (0: all); outputs get a _coresN suffix")
+    p.add_argument("--burst", type=int, default=1,
+                   help="steps per timed sample, back to back; > 1 reports the median of all but the first (steady "
+                        "state, see interleave.py); outputs get a _burstN suffix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
@@ -212,7 +216,8 @@ def main() -> None:
         groups = [{v: job} for v, job in jobs.items()] if args.sequential else [jobs]
         row = results.setdefault(case["label"], {})
         for group in groups:
-            for variant, r in run_interleaved(group, args.warmup - 1, args.repeats, args.budget_s).items():
+            for variant, r in run_interleaved(group, args.warmup - 1, args.repeats, args.budget_s,
+                                              burst=args.burst).items():
                 stats = r.pop("steps")["train"]
                 row[variant] = {**r, **stats, "load1_after": os.getloadavg()[0]}
         for variant, r in row.items():
@@ -237,6 +242,7 @@ def main() -> None:
     torch_info = next((r for row in results.values() for v, r in row.items() if v == "torch"), None) or {}
     load = os.getloadavg()
     pinned = f"children pinned to {args.cores} core(s)" if args.cores else "no pinning"
+    pinned += f", {args.burst} steps back to back per sample" if args.burst > 1 else ""
     setup = (f"float32, {os.cpu_count()} cores, {pinned} (torch threads {torch_info.get('threads', '-')}, HF "
              f"attn {torch_info.get('attn', '-')}, experts {torch_info.get('experts', '-')}); "
              f"{args.warmup} warm-up steps, median of <= {args.repeats} timed steps"
@@ -248,7 +254,7 @@ def main() -> None:
     print(f"(total wall time {time.perf_counter() - t_start:.0f} s)")
 
     os.makedirs(args.out, exist_ok=True)
-    tag = f"_cores{args.cores}" if args.cores else ""
+    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
     png = plots.bars({label: {v: r["tokens_per_s"] for v, r in row.items()} for label, row in results.items()},
                      os.path.join(args.out, f"bench_train{tag}.png"),
                      title=f"Training throughput (float32, CPU, {pinned})",
