@@ -15,7 +15,7 @@ park within ~0.5 ms of finishing (torch's OpenMP threads spin ~10 ms), and after
 (`sched_vcpu_pack=15`, haltpoll with `guest_halt_poll_ns=0` on its command line) runs the woken worker on the busy
 vCPU, so a call after the pause between two frameworks computes on about one core: in one process, the `small`
 MoE layer 16.0 ms back to back and 31.0 ms after a 50 ms sleep (torch 16.5 / 19.1 ms); one 1024x256x1024 dot 2.5
-vs 5.4 ms, and 3.0 / 3.0 ms with the main thread pinned to CPU 0 and XLA's workers to CPU 1 (scratch checks,
+vs 5.4 ms, and 2.9 / 3.0 ms with the main thread pinned to CPU 0 and XLA's workers to CPU 1 (scratch checks,
 2026-12-08). burst = 1 (the default) keeps the single call after a pause: both regimes are real (a train loop or a
 decode runs back to back; a notebook cell starts after idle).
 

@@ -138,10 +138,10 @@ def _row_layout(expert_M: jax.Array, num_experts: int, tile: int, num_tiles: int
     return row_dest_M, row_src_P, tile_expert_Z, used
 
 
-TILES_PER_STEP = 4  # tiles per loop step of `tiles.tile_swiglu` at least. 144-row tiles, medians of 14 (value and
-# gradients; setting of `tile_size`): 2 → 4 per step 32.3 → 26.7 ms at λ = 512, D = F = 128; 80-row tiles (64
-# experts, λ = 64): 2 / 3 / 7 per step 65.6 / 63.8 / 64.5 ms (forward 27.2 / 23.3 / 21.8). Measured 2026-12-07
-# with 128-row tiles: 1 → 73, 2 → 54, 4 → 60, 8 → 62 ms.
+TILES_PER_STEP = 4  # tiles per loop step of `tiles.tile_swiglu` at least. Value and gradients (setting of
+# `tile_size`): 144-row tiles at λ = 512, D = F = 128, 2 → 4 per step 32.3 → 26.7 ms (min of 3 rounds); 80-row tiles
+# (64 experts, λ = 64), in turn, medians of 9: 2 / 3 / 7 per step 65.6 / 63.8 / 64.5 ms (forward 27.2 / 23.3 / 21.8).
+# Measured 2026-12-07 with 128-row tiles: 1 → 73, 2 → 54, 4 → 60, 8 → 62 ms.
 ROWS_PER_STEP = 128  # ... and at least this many padded rows per step: small tiles (many experts, few pairs each)
 # went one loop step per 2 tiles of 16 rows; 1024 tokens top-4, D = F = 256, 256 experts: forward 60.1 / 57.6 →
 # 41.6 / 45.3 ms (256 rows per step: 57.3 / 65.0), 8 experts unchanged (tiles of 128 rows); measured with the earlier
