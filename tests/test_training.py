@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -589,6 +590,28 @@ def nan_run(tmp_path_factory):
     except TrainingError as e:
         return rc, out, e
     return rc, out, None
+
+
+def test_the_step_compiled_ahead_is_the_program_the_loop_runs(tmp_path):
+    """train() compiles the one-device step on a helper thread while it initialises the state (`_compile_ahead`);
+    the loop's first call must run that program, not compile its own."""
+    from dsv3_jax.train.loop import train
+
+    compiles = []
+
+    def listen(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" and kwargs.get("fun_name") == "jit(train_step)":
+            compiles.append(threading.current_thread().name)
+
+    table = {"model": MODEL_TABLE, "data": {"corpus": "stdlib", "max_bytes": 20000, "tokenizer": "byte"},
+             "train": {"steps": 2, "batch_size": 3, "seq_len": 16},
+             "run": {"ckpt_every": 1000, "sample_tokens": 0, "log_every": 1000}}
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        train(run_config_from_dict(table), str(tmp_path / "run"), log=lambda *_: None)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 1 and compiles[0].startswith("dsv3-compile"), compiles
 
 
 def test_trainer_stops_on_non_finite_loss_and_keeps_checkpoint(nan_run):

@@ -220,6 +220,11 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             self.epoch, self.step = self.epoch + 1, 0
         return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
 
+    def batch_spec(self) -> dict[str, tuple[tuple[int, int], np.dtype]]:
+        """(shape, dtype) of each array a batch holds, without taking one."""
+        shape = (self.batch_size, self.seq_len)
+        return {"inputs": (shape, self._windows.dtype), "targets": (shape, self._windows.dtype)}
+
     def state(self) -> dict[str, int]:
         """JSON-serialisable position and configuration: the next batch is step `step` of epoch `epoch`."""
         return {
