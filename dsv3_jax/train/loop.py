@@ -442,8 +442,8 @@ def _train_locked(p: _Prepared, out_dir: str, log) -> dict:
 def _compile_ahead(p: _Prepared) -> concurrent.futures.Future | None:
     """Lower and compile the one-device step on a helper thread while the state is initialised or restored; None
     under a mesh. jit shares its caches with `.lower(...).compile()`, so the loop's first call then runs the
-    compiled program. On 2 CPU cores, tiny_stdlib with MTP, fresh processes: init then the first step 12.8-12.8 s,
-    both at once 10.1-10.7 s (the step's tracing and XLA's passes are single-threaded; the init's compile and run
+    compiled program. On 2 CPU cores, tiny_stdlib with MTP, fresh processes: init then the first step 12.8-13.3 s,
+    both at once 9.8-10.7 s (the step's tracing and XLA's passes are single-threaded; the init's compile and run
     fill the other core)."""
     if p.shardings is not None:
         return None
