@@ -11,7 +11,7 @@ Run directory layout:
 Everything that can be checked is checked before the directory is created: the run config, the corpus, the
 tokenizer, the batches and the (sharded) step. Then the directory is created and locked, config.json and the
 tokenizer are written, and training starts (a one-device step compiles on a helper thread while the state is
-initialised or restored: `_compile_ahead`).
+initialised: `_compile_ahead`).
 """
 
 from __future__ import annotations
@@ -412,19 +412,15 @@ def train(rc: RunConfig, out_dir: str, *, log=print, sharded_step=None) -> dict:
 
 def _train_locked(p: _Prepared, out_dir: str, log) -> dict:
     rc = p.rc
-    compiling = _compile_ahead(p)
     manager = _manager(out_dir, rc)
     target = p.abstract if p.shardings is None else _with_shardings(p.abstract, p.shardings)
     state, meta = _restore(manager, target, rc, out_dir)
     start = 0 if meta is None else int(meta["step"])
     if state is None:
-        state = init_state(init_variables(rc.model, rc.train.seed), p.optimizer)
-        state = state if p.shardings is None else jax.device_put(state, p.shardings)
+        state = _initial_state(p)
     else:
         p.batches.restore(meta["data_state"])
         log(f"resumed from step {start} in {out_dir}")
-    if compiling is not None:
-        compiling.result()  # a compile error surfaces here, as it would have at the first step
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start)
     bar = tqdm(total=rc.train.steps - start, desc="train", unit="step", miniters=rc.run.log_every, mininterval=1.0)
@@ -439,12 +435,21 @@ def _train_locked(p: _Prepared, out_dir: str, log) -> dict:
     return {"state": state, "config": rc, "tokenizer": p.tokenizer, "final_loss": logger.last_loss}
 
 
+def _initial_state(p: _Prepared):
+    """The random initial state (on the mesh's shardings, if any); a one-device step compiles meanwhile."""
+    compiling = _compile_ahead(p)
+    state = init_state(init_variables(p.rc.model, p.rc.train.seed), p.optimizer)
+    if compiling is not None:
+        compiling.result()  # a compile error surfaces here, as it would have at the first step
+    return state if p.shardings is None else jax.device_put(state, p.shardings)
+
+
 def _compile_ahead(p: _Prepared) -> concurrent.futures.Future | None:
-    """Lower and compile the one-device step on a helper thread while the state is initialised or restored; None
-    under a mesh. jit shares its caches with `.lower(...).compile()`, so the loop's first call then runs the
-    compiled program. On 2 CPU cores, tiny_stdlib with MTP, fresh processes: init then the first step 12.8-13.3 s,
-    both at once 9.8-10.7 s (the step's tracing and XLA's passes are single-threaded; the init's compile and run
-    fill the other core)."""
+    """Lower and compile the one-device step on a helper thread while the state is initialised; None under a
+    mesh (a restored run compiles at its first step, after a restore that is quick on one device). jit shares its
+    caches with `.lower(...).compile()`, so the loop's first call then runs the compiled program. On 2 CPU cores,
+    tiny_stdlib with MTP, fresh processes: init then the first step 12.8-13.3 s, both at once 9.8-10.7 s (the
+    step's tracing and XLA's passes are single-threaded; the init's compile and run fill the other core)."""
     if p.shardings is not None:
         return None
     batch = {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in p.batches.batch_spec().items()}
