@@ -12,7 +12,8 @@ of the latent MLA cache against a naive per-head key/value cache, peak RSS per s
 framework runs in its own process; unpinned (all cores) unless --cores. Both processes stay alive and their
 prefill and generate calls run in turn, round after round (`interleave.py`): this machine's speed drifts by up
 to 2x within minutes, and timing one framework after the other put that drift into the ratios. Writes
---out/bench_generate[_coresN].json and .png.
+--out/bench_generate[_coresN][_burstN].json and .png (`--burst N`: each sample the median of N - 1 calls after a
+first, back to back).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def run_pair(args, directory: str, batch: int) -> tuple[dict, dict]:
     """Both sides alive, their steps timed in turn (`interleave.py`): (hf, jax) with prefill ms and decode tok/s
     (the whole run less the prefill, over the tokens after the first)."""
     res = run_interleaved({"hf": (hf_setup, (args, directory, batch)), "jax": (jax_setup, (args, directory, batch))},
-                          warmup=1, repeats=args.repeats, budget_s=args.budget_s)
+                          warmup=1, repeats=args.repeats, budget_s=args.budget_s, burst=args.burst)
     out = []
     for name in ("hf", "jax"):
         r = res[name]
@@ -134,14 +135,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timed steps (median)")
     parser.add_argument("--budget-s", type=float, default=20.0, help="a step leaves the rounds after 3 runs and this")
     parser.add_argument("--cores", type=int, default=None, help="pin each process to this many cores")
+    parser.add_argument("--burst", type=int, default=1,
+                        help="calls per timed sample, back to back; > 1 reports the median of all but the first "
+                             "(steady state, see interleave.py); outputs get a _burstN suffix")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                        help="writes bench_generate[_coresN].json and .png here")
+                        help="writes bench_generate[_coresN][_burstN].json and .png here")
     args = parser.parse_args()
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as directory:
         build_checkpoint(args.preset, directory)
         print(f"preset {args.preset}, prompt {args.prompt_len}, new tokens {args.new_tokens}, float32, greedy; "
-              f"cores {args.cores or os.cpu_count()}")
+              f"cores {args.cores or os.cpu_count()}" + (f"; {args.burst} calls back to back per sample"
+                                                         if args.burst > 1 else ""))
         print(f"{'batch':>5} | {'HF prefill ms':>13} {'HF tok/s':>9} | {'dsv3 prefill ms':>15} {'dsv3 tok/s':>10} "
               f"{'compile s':>9} | {'decode ratio':>12} {'prefill ratio':>13} | tokens equal | RSS MiB HF/dsv3")
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -162,11 +167,11 @@ def main() -> None:
 
 
 def write_results(args, results: dict[int, dict], load) -> None:
-    """bench_generate[_coresN].json (every figure but the tokens) and .png (prefill ms, decode tok/s)."""
+    """bench_generate[_coresN][_burstN].json (every figure but the tokens) and .png (prefill ms, decode tok/s)."""
     import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
-    tag = f"_cores{args.cores}" if args.cores else ""
+    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
     groups = {}
     for batch, r in results.items():
         groups[f"prefill ms bs{batch}"] = {"HF": r["hf"]["prefill_ms"], "dsv3-jax": r["jax"]["prefill_ms"]}
