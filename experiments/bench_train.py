@@ -31,7 +31,8 @@ per optimizer step (batch*seq / median step time after --warmup steps, median of
 compile time (jax: `.lower().compile()` alone, not counted in the step times; torch: first step, eager), XLA
 temp bytes, peak RSS of the process, and the jax/torch throughput ratio (> 1 = dsv3-jax faster).
 
-Writes --out/bench_train.json, bench_train.md and bench_train.png (tokens/s per case and variant).
+Writes --out/bench_train[_coresN][_burstN].json, .md and .png (tokens/s per case and variant; with --burst N each
+timed sample is the median of N - 1 steps after a first, back to back).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ vs 5.4 ms, and 2.9 / 3.0 ms with the main thread pinned to CPU 0 and XLA's worke
 2026-12-08). burst = 1 (the default) keeps the single call after a pause: both regimes are real (a train loop or a
 decode runs back to back; a notebook cell starts after idle).
 
-Each result dict is finish()'s plus "steps": {key: {"median_s", "min_s", "times"}}.
+Each result dict is finish()'s plus "steps": {key: {"median_s", "min_s", "times"}} (with burst > 1, "times" holds
+each sample's median and "min_s" the least of them).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def run_interleaved(jobs: dict[str, tuple[Callable, tuple]], warmup: int, repeat
     """Start each job's process and wait for its setup before starting the next; `warmup` untimed calls of each
     step; then up to `repeats` rounds in which every step runs once (the jobs' order rotates). A step leaves the
     rounds once it has `min_rounds` times and `budget_s` of them. `burst`: calls per timed sample (see above)."""
+    if burst < 1:
+        raise ValueError(f"burst must be >= 1 (calls per timed sample), got {burst}")
     ctx = multiprocessing.get_context("spawn")
     live: dict[str, tuple[Any, Any]] = {}
     keys: dict[str, list[str]] = {}

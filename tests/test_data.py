@@ -260,3 +260,16 @@ def test_bad_arguments(kwargs, message):
     config = {"batch_size": 2, "seq_len": SEQ, "seed": 0, **kwargs}
     with pytest.raises(DataError, match=message):
         PackedBatches(window_stream(30), **config)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16])
+def test_batch_spec_describes_the_next_batch_without_taking_it(dtype):
+    """The trainer compiles its step from `batch_spec()` before the first batch is taken (`train.loop`)."""
+    batches = PackedBatches(np.arange(400, dtype=dtype) % 50, batch_size=3, seq_len=7, seed=1)
+    spec, before = batches.batch_spec(), batches.state()
+    assert batches.state() == before  # nothing taken
+    batch = next(batches)
+    assert sorted(spec) == sorted(batch)
+    for key, (shape, kind) in spec.items():
+        assert batch[key].shape == shape and batch[key].dtype == kind, key
+

@@ -45,7 +45,8 @@ def _per_pair_reference(x_ND, experts_NX, weights_NX, w_gate_EDF, w_up_EDF, w_do
 @pytest.mark.parametrize("n,e,skew,kind", [(2, 8, False, "gathered"), (6, 8, False, "dense"), (12, 16, True, "dense"),
                                            (40, 8, False, "tiles"), (64, 8, False, "tiles"), (64, 8, True, "tiles"),
                                            (96, 32, False, "tiles"), (96, 32, True, "tiles"),
-                                           (400, 4, False, "tiles")])  # λ = 200: TILE_MAX_ROWS, 2 tiles an expert
+                                           (400, 4, False, "tiles"),  # λ = 200: TILE_MAX_ROWS, 2 tiles an expert
+                                           (400, 4, True, "tiles")])  # two experts of 400 pairs (3 tiles), two empty
 def test_blocks_equals_the_per_pair_formula(n, e, skew, kind):
     assert dispatch.blocks_formulation(n, n * X, e) == kind  # every formulation is covered by a case
     x, experts, weights, w = _inputs(n, e, skew)

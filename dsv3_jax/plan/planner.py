@@ -65,7 +65,7 @@ from dsv3_jax import config as config_lib
 from dsv3_jax.config import PRESETS, ModelConfig
 from dsv3_jax.errors import PlanError
 from dsv3_jax.model.attention import resolve_attention_impl
-from dsv3_jax.model.moe.dispatch import tile_size
+from dsv3_jax.model.moe.dispatch import tile_plan
 from dsv3_jax.plan.chips import CHIPS, Chip
 from dsv3_jax.plan.counts import (
     F32,
@@ -129,8 +129,7 @@ def _dispatch_bytes(c: ModelConfig, tokens: int, experts: int, a: int, moe_impl:
         return rows * (a * (4 * d + 6 * f) + 2 * 4) + 2 * pairs * d * a
     if moe_impl == "ragged":
         return pairs * (a * (d + 6 * f) + 2 * 4)
-    tile = tile_size(pairs, experts)  # "blocks" (CPU): `moe.tiles` keeps only each padded row's gate and up
-    tiles = pairs // tile + min(experts, pairs)
+    tile, _, tiles = tile_plan(pairs, experts)  # "blocks" (CPU): `moe.tiles` keeps each padded row's gate and up
     return tiles * tile * (2 * a * f + 4) + 3 * pairs * 4
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from dsv3_jax.config import RUNTIME_FIELDS, ModelConfig
 from dsv3_jax.errors import TrainingError, os_error_of
 from dsv3_jax.model.api import init_variables
+from dsv3_jax.quant.matmul import target_platform
 from dsv3_jax.text.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.run_config import RunConfig, check_run_config, run_config_from_json
@@ -445,12 +446,18 @@ def _initial_state(p: _Prepared):
 
 
 def _compile_ahead(p: _Prepared) -> concurrent.futures.Future | None:
-    """Lower and compile the one-device step on a helper thread while the state is initialised; None under a
-    mesh (a restored run compiles at its first step, after a restore that is quick on one device). jit shares its
-    caches with `.lower(...).compile()`, so the loop's first call then runs the compiled program. On 2 CPU cores,
+    """Lower and compile the one-device CPU step on a helper thread while the state is initialised; None under a
+    mesh or on an accelerator (measured on the CPU only; XLA:GPU autotunes kernels on the device the init uses). A
+    restored run compiles at its first step, after a restore that is quick on one device. jit shares its caches
+    with `.lower(...).compile()`, so the loop's first call then runs the compiled program. On 2 CPU cores,
     tiny_stdlib with MTP, fresh processes: init then the first step 12.8-13.3 s, both at once 9.8-10.7 s (the
-    step's tracing and XLA's passes are single-threaded; the init's compile and run fill the other core)."""
-    if p.shardings is not None:
+    step's tracing and XLA's passes are single-threaded; the init's compile and run fill the other core).
+
+    The helper thread sees JAX's default settings, not thread-local ones of the caller (`jax.default_device`,
+    `default_matmul_precision`, ...): under those the first step compiles again (the same results, the time lost).
+    If the init fails, the process still waits for the compile to end before it exits (a running thread cannot be
+    cancelled)."""
+    if p.shardings is not None or target_platform() != "cpu":
         return None
     batch = {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in p.batches.batch_spec().items()}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-compile")

@@ -140,12 +140,22 @@ def _row_layout(expert_M: jax.Array, num_experts: int, tile: int, num_tiles: int
 
 TILES_PER_STEP = 4  # tiles per loop step of `tiles.tile_swiglu` at least. Value and gradients (setting of
 # `tile_size`): 144-row tiles at λ = 512, D = F = 128, 2 → 4 per step 32.3 → 26.7 ms (min of 3 rounds); 80-row tiles
-# (64 experts, λ = 64), in turn, medians of 9: 2 / 3 / 7 per step 65.6 / 63.8 / 64.5 ms (forward 27.2 / 23.3 / 21.8).
+# (64 experts, λ = 64), in turn, medians of 9: 2 / 3 / 7 per step 65.6 / 63.8 / 64.5 ms (forward 27.2 / 23.3 / 21.8;
+# 4, the value now, not timed on its own).
 # Measured 2026-12-07 with 128-row tiles: 1 → 73, 2 → 54, 4 → 60, 8 → 62 ms.
 ROWS_PER_STEP = 128  # ... and at least this many padded rows per step: small tiles (many experts, few pairs each)
 # went one loop step per 2 tiles of 16 rows; 1024 tokens top-4, D = F = 256, 256 experts: forward 60.1 / 57.6 →
 # 41.6 / 45.3 ms (256 rows per step: 57.3 / 65.0), 8 experts unchanged (tiles of 128 rows); measured with the earlier
-# `tile_size` (16-row tiles there, 32 now: 4 tiles per step)
+# `tile_size` (16-row tiles there, 24 now: 5 tiles per step)
+
+
+def tile_plan(num_pairs: int, num_experts: int, plain: bool = True) -> tuple[int, int, int]:
+    """(rows per tile, tiles per loop step, static number of tiles) of the "blocks" dispatch: the tiles bound
+    Σ_e ceil(size_e / tile) ≤ pairs // tile + experts, rounded up to whole loop steps. `plain`: the custom-VJP tile
+    kernel runs (a chunk of tiles per step); FP8 products run one tile at a time."""
+    tile = tile_size(num_pairs, num_experts)
+    chunk = max(TILES_PER_STEP, ROWS_PER_STEP // tile) if plain else 1
+    return tile, chunk, -(-(num_pairs // tile + min(num_experts, num_pairs)) // chunk) * chunk
 
 
 def _plain_weights(policy: MatmulPolicy | None, *weights) -> bool:
@@ -168,9 +178,8 @@ def _blocks_pairs(x_RD: jax.Array, experts_RX: jax.Array, w_gate_EDF: jax.Array,
     matmul over all tiles (see module docstring)."""
     r, x = experts_RX.shape
     e, m = w_gate_EDF.shape[0], r * x
-    tile, plain = tile_size(m, e), _plain_weights(policy, w_gate_EDF, w_up_EDF, w_down_EFD)
-    chunk = max(TILES_PER_STEP, ROWS_PER_STEP // tile) if plain else 1
-    num_tiles = -(-(m // tile + min(e, m)) // chunk) * chunk  # static bound on Σ_e ceil(size_e / tile), whole steps
+    plain = _plain_weights(policy, w_gate_EDF, w_up_EDF, w_down_EFD)
+    tile, chunk, num_tiles = tile_plan(m, e, plain)
     dest_M, src_P, tile_expert_Z, used = _row_layout(experts_RX.reshape(-1), e, tile, num_tiles)
     if plain:
         row_P = jnp.where(src_P < m, src_P // x, r)  # r: padding
