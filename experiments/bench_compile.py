@@ -2,7 +2,10 @@
 + run (what a user waits for before the first step / token), cold and with the persistent compilation cache warm (a
 second process reading what the first one wrote). Each measurement is its own process.
 
-    python experiments/bench_compile.py            # ~1-2 min on 2 cores; writes results/bench_compile.json
+    python experiments/bench_compile.py            # ~2-3 min on 2 cores; writes results/bench_compile.json
+
+Also times the trainer's one-step run (`train.loop.train`) with the step compiled while the state is initialised
+(the default) and after it, two of each in turn.
 """
 
 from __future__ import annotations
@@ -56,10 +59,30 @@ def child(cache_dir: str | None, batch: int, seq: int) -> dict:
     return {"init_s": init_s, "train_step_compile_s": train_s, "generate_compile_s": first_s - run_s}
 
 
-def run_isolated(*args) -> dict:
+def trainer_child(ahead: bool, batch: int, seq: int) -> float:
+    """Seconds of `train.loop.train` for one step of tiny_stdlib.toml (corpus, tokenizer, init, step compile, the
+    step, a checkpoint; no persistent cache), with the step compiled while the state is initialised (the trainer's
+    way, `loop._compile_ahead`) or after it."""
+    import dataclasses
+
+    from dsv3_jax.train import loop
+    from dsv3_jax.train.run_config import load_run_config
+
+    if not ahead:
+        loop._compile_ahead = lambda p: None
+    rc = load_run_config(os.path.join(HERE, "configs", "tiny_stdlib.toml"))
+    rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, steps=1, batch_size=batch, seq_len=seq),
+                             run=dataclasses.replace(rc.run, sample_tokens=0))
+    with tempfile.TemporaryDirectory(prefix="dsv3_bench_run_") as out:
+        t0 = time.perf_counter()
+        loop.train(rc, out, log=lambda *_: None)
+        return time.perf_counter() - t0
+
+
+def run_isolated(*args, fn=child):
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(child, *args).result()
+        return pool.submit(fn, *args).result()
 
 
 def main() -> None:
@@ -72,15 +95,23 @@ def main() -> None:
         rows = {"no cache": run_isolated(None, args.batch, args.seq),
                 "cache cold": run_isolated(cache, args.batch, args.seq),
                 "cache warm": run_isolated(cache, args.batch, args.seq)}
+    trainer = {"ahead": [], "after": []}
+    for _ in range(2):  # in turn: this machine's speed drifts
+        for how in trainer:
+            trainer[how].append(run_isolated(how == "ahead", args.batch, args.seq, fn=trainer_child))
     load = os.getloadavg()
     for name, r in rows.items():
         print(f"{name:12s} init {r['init_s']:5.1f} s   train step {r['train_step_compile_s']:5.1f} s   generate "
               f"{r['generate_compile_s']:5.1f} s")
+    print("trainer, one step (`train.loop.train`): step compiled while the state is initialised "
+          + " / ".join(f"{t:.1f}" for t in trainer["ahead"]) + " s, after it "
+          + " / ".join(f"{t:.1f}" for t in trainer["after"]) + " s")
     print(f"tiny_stdlib, batch {args.batch} x {args.seq}; load average {load[0]:.1f}/{load[1]:.1f} on "
           f"{os.cpu_count()} cores")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_compile.json"), "w", encoding="utf-8") as f:
-        json.dump({"args": vars(args), "load_avg": load, "results": rows}, f, indent=1)
+        json.dump({"args": vars(args), "load_avg": load, "results": rows, "trainer_one_step_s": trainer}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":
