@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleave import run_interleaved  # experiments/, also when imported from elsewhere
+from interleave import add_burst_argument, output_tag, run_interleaved  # experiments/, also imported elsewhere
 
 MiB = 1024 * 1024
 PARTS = ("mla", "moe", "mlp", "head")
@@ -366,9 +366,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     p.add_argument("--budget-s", type=float, default=5.0, help="stop repeating after this many s (>= 3 runs)")
     p.add_argument("--cores", type=int, default=None, help="pin each process to this many cores (default: all)")
-    p.add_argument("--burst", type=int, default=1,
-                   help="calls per timed sample, back to back; > 1 reports the median of all but the first (steady "
-                        "state, see interleave.py); outputs get a _burstN suffix")
+    add_burst_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-attn", default=None, help="HF attention implementation (default: HF's own, sdpa)")
     p.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
@@ -413,7 +411,7 @@ def write_results(args: argparse.Namespace, fwd: tuple[dict, dict] | None, moe: 
     import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
-    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
+    tag = output_tag(args.cores, args.burst)
     groups: dict[str, dict[str, float]] = {}
     if fwd:
         hf, jx = fwd

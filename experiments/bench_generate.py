@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleave import run_interleaved  # experiments/, also when imported from elsewhere
+from interleave import add_burst_argument, output_tag, run_interleaved  # experiments/, also imported elsewhere
 
 
 def pin_cores(cores: int | None) -> None:
@@ -135,9 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timed steps (median)")
     parser.add_argument("--budget-s", type=float, default=20.0, help="a step leaves the rounds after 3 runs and this")
     parser.add_argument("--cores", type=int, default=None, help="pin each process to this many cores")
-    parser.add_argument("--burst", type=int, default=1,
-                        help="calls per timed sample, back to back; > 1 reports the median of all but the first "
-                             "(steady state, see interleave.py); outputs get a _burstN suffix")
+    add_burst_argument(parser)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="writes bench_generate[_coresN][_burstN].json and .png here")
     args = parser.parse_args()
@@ -171,7 +169,7 @@ def write_results(args, results: dict[int, dict], load) -> None:
     import plots  # matplotlib: only in the process that writes
 
     os.makedirs(args.out, exist_ok=True)
-    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
+    tag = output_tag(args.cores, args.burst)
     groups = {}
     for batch, r in results.items():
         groups[f"prefill ms bs{batch}"] = {"HF": r["hf"]["prefill_ms"], "dsv3-jax": r["jax"]["prefill_ms"]}

@@ -48,6 +48,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from interleave import add_burst_argument, output_tag, run_interleaved  # noqa: E402  (experiments/)
+
 MiB = 1024 * 1024
 VARIANTS = ("jax (MTP off)", "jax (MTP on)", "torch")
 
@@ -195,17 +198,13 @@ def main() -> None:
                    help="torch threads (default 0: os.cpu_count(), or --cores when given)")
     p.add_argument("--cores", type=int, default=0,
                    help="pin every child process to this many cores (0: all); outputs get a _coresN suffix")
-    p.add_argument("--burst", type=int, default=1,
-                   help="steps per timed sample, back to back; > 1 reports the median of all but the first (steady "
-                        "state, see interleave.py); outputs get a _burstN suffix")
+    add_burst_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
     args.warmup = max(args.warmup, 1)
     variants = [v.strip() for v in args.variants.split(",")]
-    sys.path.insert(0, HERE)
     import plots
-    from interleave import run_interleaved
 
     t_start = time.perf_counter()
     results: dict[str, dict[str, dict]] = {}
@@ -255,7 +254,7 @@ def main() -> None:
     print(f"(total wall time {time.perf_counter() - t_start:.0f} s)")
 
     os.makedirs(args.out, exist_ok=True)
-    tag = (f"_cores{args.cores}" if args.cores else "") + (f"_burst{args.burst}" if args.burst > 1 else "")
+    tag = output_tag(args.cores, args.burst)
     png = plots.bars({label: {v: r["tokens_per_s"] for v, r in row.items()} for label, row in results.items()},
                      os.path.join(args.out, f"bench_train{tag}.png"),
                      title=f"Training throughput (float32, CPU, {pinned})",

@@ -31,6 +31,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+BURST_HELP = ("calls per timed sample, back to back; > 1 reports the median of all but the first (steady state, see "
+              "interleave.py); outputs get a _burstN suffix")
+
+
+def add_burst_argument(parser) -> None:
+    """The benchmarks' `--burst N` flag (`run_interleaved`'s `burst`)."""
+    parser.add_argument("--burst", type=int, default=1, help=BURST_HELP)
+
+
+def output_tag(cores: int | None, burst: int) -> str:
+    """The suffix of a benchmark's output files: _coresN when pinned, _burstN when timed in bursts."""
+    return (f"_cores{cores}" if cores else "") + (f"_burst{burst}" if burst > 1 else "")
+
+
 PAUSE_S = 0.05  # between two variants' steps: lets the last one's worker threads stop spinning
 
 
